@@ -1,0 +1,1 @@
+"""Experiment configs: Python files with ``get_config(arg=None)`` (see ``common.py``)."""

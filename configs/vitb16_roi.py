@@ -1,0 +1,44 @@
+"""The real recipe: ViT-B/16 at 224 px, 12-layer 512-wide CLIP text tower (or BERT), D = 512,
+full region-aware loss.
+
+    python -m region_medclip.summary --config=configs/vitb16_roi.py
+    python -m region_medclip.summary --config=configs/vitb16_roi.py:text=bert
+    ... --config=configs/vitb16_roi.py:runlocal,res=128   # laptop-sized, synthetic data
+"""
+
+from configs import common
+from region_medclip import config_lib
+
+
+def get_config(arg: str | None = None):
+    """``arg``: ``runlocal``, ``res=``, ``variant=`` (ViT), ``text=clip|bert``."""
+    args = config_lib.parse_arg(arg, runlocal=False, res=224, variant="B/16", text="clip")
+    c = common.base_config()
+    c.model.image = dict(variant=args.variant, pool="cls")
+    if args.text == "clip":
+        c.model.text = dict(kind="clip", variant="B", vocab_size=49408, context_len=77)
+        c.data.tokenizer = "clip_bpe"
+        c.data.text_len = 77
+    elif args.text == "bert":
+        # PubMedBERT / BioClinicalBERT / CXR-BERT shape; weights via `convert --format=hf_bert`.
+        c.model.text = dict(kind="bert", variant="base", vocab_size=30522, pool="cls")
+        c.data.tokenizer = "hf:bert"
+        c.data.text_len = 128
+    else:
+        raise config_lib.ConfigError(f"config arg 'text': {args.text!r} is not clip or bert")
+    c.model.region = dict(roi_size=4, sampling_ratio=2, pool="mean", proj="shared")
+    c.model.embed_dim = 512
+    c.data.image_size = args.res
+    c.data.batch_size = 1024
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 2000
+    c.train.total_steps = 50_000
+
+    if args.runlocal:
+        c.data.batch_size = 8
+        c.optim.warmup_steps = 5
+        c.train.total_steps = 20
+        c.train.log_every = 1
+        c.train.ckpt_every = 10
+        c.train.eval_every = 10
+    return c

@@ -1,0 +1,144 @@
+"""The composite model: image, text and region towers with the learned temperature and bias."""
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from region_medclip.models import region as region_lib
+from region_medclip.models import text as text_lib
+from region_medclip.models import vit as vit_lib
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """L2-normalises in float32; an all-zero vector (a padded ROI) stays zero, with finite grads."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps))
+
+
+class RegionCLIP(nn.Module):
+    """CLIP-style two towers plus a region tower on the image tower's patch tokens.
+
+    The tower configs are plain mappings so that ``config.model`` goes straight in:
+
+    - ``image``: ``variant`` (e.g. ``"B/16"``) plus :class:`~region_medclip.models.vit.ViT` fields
+      (``pool``, ``class_token``, ``act``, ...).
+    - ``text``: ``kind`` (``clip`` | ``bert``), ``variant`` plus the tower's fields
+      (``vocab_size``, ``context_len``, ``eot``, ``pool``, ...).
+    - ``region``: :class:`~region_medclip.models.region.RegionHead` fields.
+
+    Attributes:
+      embed_dim: joint embedding size D.
+      logit_scale_init: initial ``t'`` (the temperature is ``exp(t')``): ``log(1/0.07)`` for the
+        softmax loss, ``log(10)`` for the sigmoid loss.
+      logit_bias_init: initial sigmoid bias ``b``.
+      dtype, param_dtype: compute and parameter dtypes (names or dtypes).
+      remat: rematerialise transformer blocks in the backward pass.
+    """
+
+    image: Mapping[str, Any]
+    text: Mapping[str, Any]
+    region: Mapping[str, Any]
+    embed_dim: int = 512
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_bias_init: float = -10.0
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+    remat: bool = False
+
+    def setup(self):
+        kw = dict(
+            embed_dim=self.embed_dim,
+            dtype=jnp.dtype(self.dtype),
+            param_dtype=jnp.dtype(self.param_dtype),
+        )
+        image = dict(self.image)
+        self.image_tower = vit_lib.vit_from_variant(
+            image.pop("variant"), remat=self.remat, **image, **kw
+        )
+        text = dict(self.text)
+        self.text_tower = text_lib.text_tower(
+            text.pop("kind"), text.pop("variant"), remat=self.remat, **text, **kw
+        )
+        self.region_tower = region_lib.RegionHead(**dict(self.region), **kw)
+        self.logit_scale = self.param(
+            "logit_scale", nn.initializers.constant(self.logit_scale_init), (), jnp.float32
+        )
+        self.logit_bias = self.param(
+            "logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32
+        )
+
+    def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``images [B, H, W, C]`` → ``zimg [B, D]`` (L2-normalised, float32) and
+        ``patch_tokens [B, h, w, width]``."""
+        pooled, patch_tokens = self.image_tower(images)
+        return l2_normalize(pooled), patch_tokens
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        """``tokens [..., L]`` int → ``ztxt [..., D]`` (L2-normalised, float32)."""
+        lead = tokens.shape[:-1]
+        pooled, _ = self.text_tower(tokens.reshape(-1, tokens.shape[-1]))
+        return l2_normalize(pooled).reshape(*lead, -1)
+
+    def encode_regions(
+        self, patch_tokens: jax.Array, boxes: jax.Array, roi_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """``patch_tokens [B, h, w, width]``, ``boxes [B, R, 4]`` normalised xyxy,
+        ``roi_mask [B, R]`` → ``zroi [B, R, D]`` (L2-normalised; padded ROIs are zero)."""
+        shared = None
+        if self.region_tower.proj == "shared":
+            shared = nn.meta.unbox(self.image_tower.variables["params"]["proj"]["kernel"])
+        return l2_normalize(self.region_tower(patch_tokens, boxes, roi_mask, shared))
+
+    def __call__(
+        self,
+        images: jax.Array,
+        texts: jax.Array,
+        boxes: jax.Array,
+        roi_mask: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
+        """Runs the three towers.
+
+        Args:
+          images: ``[B, H, W, C]`` preprocessed images.
+          texts: ``[B, L]`` report token ids (any leading shape works for ``encode_text``).
+          boxes: ``[B, R, 4]`` normalised ``xyxy`` boxes.
+          roi_mask: ``[B, R]`` bool.
+
+        Returns:
+          dict with ``zimg [B, D]``, ``ztxt [B, D]``, ``zroi [B, R, D]``, ``logit_scale`` (the
+          parameter ``t'``; the temperature is ``exp(t')``), ``logit_bias`` and
+          ``patch_tokens [B, h, w, width]``.
+        """
+        zimg, patch_tokens = self.encode_image(images)
+        return dict(
+            zimg=zimg,
+            ztxt=self.encode_text(texts),
+            zroi=self.encode_regions(patch_tokens, boxes, roi_mask),
+            logit_scale=self.logit_scale,
+            logit_bias=self.logit_bias,
+            patch_tokens=patch_tokens,
+        )
+
+
+def from_config(model_config: Mapping[str, Any]) -> RegionCLIP:
+    """Builds :class:`RegionCLIP` from ``config.model`` (keys that are not module fields, such as
+    ``init_from``, are ignored here and handled by the trainer)."""
+    fields = {
+        "image",
+        "text",
+        "region",
+        "embed_dim",
+        "logit_scale_init",
+        "logit_bias_init",
+        "dtype",
+        "param_dtype",
+        "remat",
+    }
+    kwargs = {k: v for k, v in dict(model_config).items() if k in fields}
+    for tower in ("image", "text", "region"):
+        kwargs[tower] = dict(kwargs[tower])
+    return RegionCLIP(**kwargs)

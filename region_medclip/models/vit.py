@@ -1,0 +1,184 @@
+"""Vision Transformer image tower (CLIP layout) returning pooled embedding and patch tokens."""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from region_medclip.models import layers
+
+Dtype = Any
+
+# name → (width, depth, mlp_dim, heads); the patch size comes from the "/16" suffix.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "mu": (64, 2, 256, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+}
+
+
+def decode_variant(variant: str) -> dict[str, int]:
+    """``"B/16"`` → ``dict(width=768, depth=12, mlp_dim=3072, heads=12, patch=16)``."""
+    try:
+        name, patch = variant.split("/")
+        width, depth, mlp_dim, heads = VARIANTS[name]
+        return dict(width=width, depth=depth, mlp_dim=mlp_dim, heads=heads, patch=int(patch))
+    except (ValueError, KeyError) as err:
+        raise ValueError(
+            f"unknown ViT variant {variant!r}; expected NAME/PATCH with NAME in {sorted(VARIANTS)}"
+        ) from err
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (SigLIP): one learned probe attends over the tokens."""
+
+    heads: int
+    mlp_dim: int
+    act: str = "gelu"
+    ln_eps: float = layers.CLIP_LN_EPS
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """``tokens [B, L, W] → [B, W]``."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        width = tokens.shape[-1]
+        probe = self.param(
+            "probe",
+            layers.logical(nn.initializers.xavier_uniform(), (None, None, "embed")),
+            (1, 1, width),
+            self.param_dtype,
+        )
+        probe = jnp.broadcast_to(probe.astype(tokens.dtype), (tokens.shape[0], 1, width))
+        x = layers.Attention(self.heads, name="attn", **kw)(probe, tokens)
+        y = layers.layer_norm("ln", eps=self.ln_eps, **kw)(x)
+        x = x + layers.Mlp(self.mlp_dim, act=self.act, name="mlp", **kw)(y)
+        return x[:, 0]
+
+
+class ViT(nn.Module):
+    """ViT image tower.
+
+    Patch embedding (conv without bias), optional class token, learned positional embedding,
+    ``ln_pre``, pre-LN blocks, ``ln_post`` and a bias-free projection ``W_i [width, embed_dim]``.
+
+    Attributes:
+      embed_dim: joint embedding size D.
+      pool: ``cls`` (class token), ``gap`` (mean of patch tokens) or ``map`` (attention pooling).
+      class_token: whether to prepend a class token (required for ``pool="cls"``).
+    """
+
+    width: int
+    depth: int
+    mlp_dim: int
+    heads: int
+    patch: int
+    embed_dim: int
+    pool: str = "cls"
+    class_token: bool = True
+    act: str = "gelu"
+    ln_eps: float = layers.CLIP_LN_EPS
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Encodes images.
+
+        Args:
+          images: ``[B, H, W, C]`` float, already normalised; H and W divisible by ``patch``.
+
+        Returns:
+          ``pooled [B, embed_dim]`` (unnormalised) and ``patch_tokens [B, h, w, width]``
+          (final-block tokens before ``ln_post``, class token removed).
+        """
+        if self.pool not in ("cls", "gap", "map"):
+            raise ValueError(f"unknown pool {self.pool!r}; choose cls, gap or map")
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("pool='cls' needs class_token=True")
+        batch, height, width_px, _ = images.shape
+        if height % self.patch or width_px % self.patch:
+            raise ValueError(f"image {height}x{width_px} is not divisible by patch {self.patch}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        x = nn.Conv(
+            self.width,
+            (self.patch, self.patch),
+            strides=(self.patch, self.patch),
+            padding="VALID",
+            use_bias=False,
+            kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            name="patch_embed",
+            **kw,
+        )(images.astype(self.dtype))
+        grid_h, grid_w = x.shape[1], x.shape[2]
+        x = x.reshape(batch, grid_h * grid_w, self.width)
+        num_prefix = 0
+        if self.class_token:
+            cls = self.param(
+                "class_embedding",
+                layers.logical(nn.initializers.normal(self.width**-0.5), ("embed",)),
+                (self.width,),
+                self.param_dtype,
+            )
+            cls = jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, self.width))
+            x = jnp.concatenate([cls, x], axis=1)
+            num_prefix = 1
+        pos = self.param(
+            "pos_embedding",
+            layers.logical(nn.initializers.normal(self.width**-0.5), (None, "embed")),
+            (x.shape[1], self.width),
+            self.param_dtype,
+        )
+        x = x + pos.astype(x.dtype)[None]
+        x = layers.layer_norm("ln_pre", eps=self.ln_eps, **kw)(x)
+        x = layers.PreLNEncoder(
+            depth=self.depth,
+            heads=self.heads,
+            mlp_dim=self.mlp_dim,
+            act=self.act,
+            ln_eps=self.ln_eps,
+            remat=self.remat,
+            name="encoder",
+            **kw,
+        )(x)
+        patch_tokens = x[:, num_prefix:].reshape(batch, grid_h, grid_w, self.width)
+
+        x = layers.layer_norm("ln_post", eps=self.ln_eps, **kw)(x)
+        if self.pool == "cls":
+            pooled = x[:, 0]
+        elif self.pool == "gap":
+            pooled = x[:, num_prefix:].mean(axis=1)
+        else:
+            pooled = MAPHead(
+                heads=self.heads,
+                mlp_dim=self.mlp_dim,
+                act=self.act,
+                ln_eps=self.ln_eps,
+                name="map_head",
+                **kw,
+            )(x[:, num_prefix:])
+        pooled = layers.projection(self.embed_dim, "proj", **kw)(pooled)
+        return pooled, patch_tokens
+
+
+def vit_from_variant(variant: str, **kwargs) -> ViT:
+    """Builds a :class:`ViT` from a variant string such as ``"B/16"`` plus overrides."""
+    return ViT(**{**decode_variant(variant), **kwargs})
+
+
+ViT_Ti16 = functools.partial(ViT, **decode_variant("Ti/16"))
+ViT_Ti32 = functools.partial(ViT, **decode_variant("Ti/32"))
+ViT_S16 = functools.partial(ViT, **decode_variant("S/16"))
+ViT_S32 = functools.partial(ViT, **decode_variant("S/32"))
+ViT_B16 = functools.partial(ViT, **decode_variant("B/16"))
+ViT_B32 = functools.partial(ViT, **decode_variant("B/32"))
+ViT_L16 = functools.partial(ViT, **decode_variant("L/16"))
+ViT_L32 = functools.partial(ViT, **decode_variant("L/32"))
