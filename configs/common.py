@@ -48,7 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_rois = 4
     c.data.text_len = 77
     c.data.num_negatives = 4
-    c.data.tokenizer = "clip_bpe"
+    c.data.tokenizer = "clip_bpe"  # clip_bpe | hf | synth_bpe (data/tokenizers.py)
+    c.data.tokenizer_path = ""  # clip_bpe: merges file (default: open_clip's); hf: a directory
+    c.data.data_dir = "~/tensorflow_datasets"  # where TFDS builders write and read
+    c.data.synth = dict(num=26_000, seed=0)  # synth_cxr: films (all splits) and generator seed
+    c.data.strict = False  # True: a bad record stops the run instead of being skipped
     c.data.batch_size = 256
     c.data.workers = 0
     c.data.augment = True

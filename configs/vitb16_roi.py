@@ -22,7 +22,8 @@ def get_config(arg: str | None = None):
     elif args.text == "bert":
         # PubMedBERT / BioClinicalBERT / CXR-BERT shape; weights via `convert --format=hf_bert`.
         c.model.text = dict(kind="bert", variant="base", vocab_size=30522, pool="cls")
-        c.data.tokenizer = "hf:bert"
+        c.data.tokenizer = "hf"
+        c.data.tokenizer_path = ""  # the checkpoint's tokenizer directory, e.g. a convert output
         c.data.text_len = 128
     else:
         raise config_lib.ConfigError(f"config arg 'text': {args.text!r} is not clip or bert")

@@ -26,3 +26,10 @@ def require_peer(module_name: str):
                 f"parity peer {module_name!r} is missing in CI: install the [parity] extra"
             ) from err
         pytest.skip(f"{module_name} not installed (install the [parity] extra)")
+
+
+def pytest_configure(config):
+    # grain's worker processes read absl flags; outside `app.run` they must count as parsed.
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()

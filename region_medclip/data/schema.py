@@ -1,0 +1,172 @@
+"""The one record schema every source yields, and the checks that keep bad records out.
+
+A record (one example) is a dict:
+
+=============== ====================================================================
+``image``       uint8 ``[H, W]`` or ``[H, W, 3]``, or the encoded PNG/JPEG bytes
+``report``      str
+``labels``      float32 ``[C]``: 1 positive, 0 negative, −1 uncertain (NaN/missing → 0)
+``boxes``       float32 ``[R, 4]`` pixel ``xyxy`` in the stored image
+``box_captions`` list of R str
+``box_labels``  int32 ``[R]`` (index into the source's label names; −1 when unknown)
+``id``          str, unique within the source
+``patient_id``  str (splits are by patient)
+``split``       str: ``train`` | ``validation`` | ``test``
+=============== ====================================================================
+
+Problems that a long run should survive are repaired or counted, never silently dropped:
+boxes are clipped to the image, degenerate boxes removed (with their captions), NaN labels set to
+0; :class:`SkipCounter` counts records skipped and warns with the record's id.
+"""
+
+import collections
+import hashlib
+import logging
+from typing import Any
+
+import numpy as np
+
+Record = dict[str, Any]
+
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(ValueError):
+    """A source cannot be read at all (missing file, missing column): names the file and column."""
+
+
+class SkipCounter:
+    """Counts skipped records by reason, warning once per record with its id.
+
+    ``strict=True`` raises instead of skipping (the config switch ``data.strict``).
+    """
+
+    def __init__(self, source: str, strict: bool = False, log: logging.Logger | None = None):
+        self.source = source
+        self.strict = strict
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._log = log or logging.getLogger("region_medclip.data")
+
+    def skip(self, record_id: str, reason: str) -> None:
+        """Records one skipped record (or raises :class:`DataError` when strict)."""
+        message = f"{self.source}: skipping record {record_id!r}: {reason}"
+        if self.strict:
+            raise DataError(message)
+        self.counts[reason.split(":")[0]] += 1
+        self._log.warning(message)
+
+    @property
+    def total(self) -> int:
+        """Number of skipped records so far."""
+        return sum(self.counts.values())
+
+
+def image_hw(image: Any) -> tuple[int, int] | None:
+    """``(H, W)`` of a decoded image array, or None for encoded bytes."""
+    if isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        return int(image.shape[0]), int(image.shape[1])
+    return None
+
+
+def clean_boxes(
+    boxes: Any,
+    captions: list[str],
+    box_labels: Any,
+    *,
+    height: float | None,
+    width: float | None,
+    min_size: float = 1.0,
+) -> tuple[np.ndarray, list[str], np.ndarray, int]:
+    """Clips boxes to the image and drops degenerate ones with their captions and labels.
+
+    Args:
+      boxes: ``[R, 4]`` pixel ``xyxy`` (anything array-like; NaN coordinates count as degenerate).
+      captions: R captions.
+      box_labels: ``[R]`` ints.
+      height, width: image size; None skips clipping (size unknown before decoding).
+      min_size: a box narrower or shorter than this many pixels after clipping is dropped.
+
+    Returns:
+      ``boxes [R', 4]`` float32, ``captions`` (R'), ``box_labels [R']`` int32, and how many
+      boxes were dropped.
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    box_labels = np.asarray(box_labels, np.int32).reshape(-1)
+    if len(captions) != len(boxes) or len(box_labels) != len(boxes):
+        raise DataError(
+            f"{len(boxes)} boxes but {len(captions)} captions and {len(box_labels)} labels"
+        )
+    if height is not None and width is not None:
+        boxes = np.clip(boxes, 0.0, [width, height, width, height]).astype(np.float32)
+    finite = np.isfinite(boxes).all(axis=1)
+    safe = np.where(finite[:, None], boxes, 0.0)
+    keep = finite & (safe[:, 2] - safe[:, 0] >= min_size) & (safe[:, 3] - safe[:, 1] >= min_size)
+    kept_captions = [c for c, k in zip(captions, keep, strict=True) if k]
+    return boxes[keep], kept_captions, box_labels[keep], int((~keep).sum())
+
+
+def clean_labels(labels: Any) -> np.ndarray:
+    """``[C]`` labels as float32 with NaN (blank) mapped to 0."""
+    labels = np.asarray(labels, np.float32).reshape(-1)
+    return np.where(np.isnan(labels), 0.0, labels).astype(np.float32)
+
+
+def make_record(
+    *,
+    image: Any,
+    report: str,
+    labels: Any,
+    id: str,  # noqa: A002 - the schema's field name
+    patient_id: str,
+    split: str,
+    boxes: Any = None,
+    box_captions: list[str] | None = None,
+    box_labels: Any = None,
+) -> Record:
+    """Builds a schema record, cleaning boxes (clipped when the image size is known) and labels.
+
+    Raises:
+      DataError: unknown split, or boxes / captions / labels of different lengths.
+    """
+    if split not in SPLITS:
+        raise DataError(f"record {id!r}: split {split!r} is not one of {SPLITS}")
+    box_captions = list(box_captions or [])
+    if boxes is None:
+        boxes = np.zeros((0, 4), np.float32)
+    if box_labels is None:
+        box_labels = np.full((len(box_captions),), -1, np.int32)
+    size = image_hw(image)
+    try:
+        boxes, box_captions, box_labels, _ = clean_boxes(
+            boxes,
+            box_captions,
+            box_labels,
+            height=size[0] if size else None,
+            width=size[1] if size else None,
+        )
+    except DataError as err:
+        raise DataError(f"record {id!r}: {err}") from err
+    return dict(
+        image=image,
+        report=str(report or ""),
+        labels=clean_labels(labels),
+        boxes=boxes,
+        box_captions=box_captions,
+        box_labels=box_labels,
+        id=str(id),
+        patient_id=str(patient_id),
+        split=split,
+    )
+
+
+def patient_split(patient_id: str, fractions: tuple[float, float] = (0.8, 0.1)) -> str:
+    """Deterministic patient-level split for sources without an official one.
+
+    A stable hash of the patient id (not Python's salted ``hash``) puts every image of a patient
+    in the same split: ``fractions`` are the train and validation shares; the rest is test.
+    """
+    digest = hashlib.sha256(str(patient_id).encode()).digest()
+    u = int.from_bytes(digest[:8], "little") / 2**64
+    if u < fractions[0]:
+        return "train"
+    return "validation" if u < fractions[0] + fractions[1] else "test"

@@ -1,0 +1,154 @@
+"""Report and caption language of ``synth_cxr``: synonyms, severities, negations.
+
+Reports follow the radiology layout (``FINDINGS:`` then ``IMPRESSION:``); absent findings are
+sometimes negated explicitly ("No pleural effusion or pneumothorax."), as real reports do, so a
+model has to read negation rather than count finding words.
+"""
+
+import numpy as np
+
+# Label order of ``labels`` (index 0 is the explicit "no finding" class).
+LABELS = (
+    "no finding",
+    "nodule",
+    "mass",
+    "pleural effusion",
+    "consolidation",
+    "pneumothorax",
+    "cardiomegaly",
+    "atelectasis",
+)
+
+# Noun phrases per finding; "{sev}" takes the severity word (may be empty).
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "nodule": ("{sev} nodule", "{sev} pulmonary nodule", "{sev} nodular opacity"),
+    "mass": ("{sev} mass", "{sev} mass lesion", "{sev} masslike opacity"),
+    "pleural effusion": (
+        "{sev} pleural effusion",
+        "{sev} effusion",
+        "{sev} pleural fluid collection",
+    ),
+    "consolidation": ("{sev} consolidation", "{sev} airspace opacity", "{sev} airspace disease"),
+    "pneumothorax": ("{sev} pneumothorax", "{sev} apical pneumothorax"),
+    "cardiomegaly": ("{sev} cardiomegaly", "enlarged cardiac silhouette", "enlarged heart"),
+    "atelectasis": ("{sev} atelectasis", "{sev} atelectatic change", "atelectasis"),
+}
+
+ZONE_WORDS = {
+    "upper": ("upper zone", "upper lobe", "apex"),
+    "middle": ("mid zone", "middle zone"),
+    "lower": ("lower zone", "lower lobe", "base"),
+}
+
+NEGATIONS: dict[str, tuple[str, ...]] = {
+    "nodule": ("No suspicious pulmonary nodule.", "No nodule is seen."),
+    "mass": ("No mass.", "No focal mass lesion."),
+    "pleural effusion": ("No pleural effusion.", "No pleural fluid."),
+    "consolidation": ("No focal consolidation.", "No airspace opacity."),
+    "pneumothorax": ("No pneumothorax.", "There is no pneumothorax."),
+    "cardiomegaly": ("Heart size is normal.", "The cardiac silhouette is normal in size."),
+    "atelectasis": ("No atelectasis.", "No volume loss."),
+}
+
+
+def _pick(options, rng: np.random.Generator) -> str:
+    return str(options[rng.integers(len(options))])
+
+
+def location_phrase(side: str | None, zone: str | None, rng: np.random.Generator) -> str:
+    """``"right upper zone"``, ``"left base"``, ... (empty for cardiomegaly)."""
+    if side is None:
+        return ""
+    return f"{side} {_pick(ZONE_WORDS[zone], rng)}"
+
+
+def noun_phrase(name: str, severity: str, rng: np.random.Generator) -> str:
+    """A synonym of finding ``name`` with its severity word, e.g. ``"small pleural effusion"``."""
+    return " ".join(_pick(SYNONYMS[name], rng).format(sev=severity).split())
+
+
+def caption(finding, rng: np.random.Generator) -> str:
+    """One region caption, e.g. ``"small nodule in the right upper zone"``."""
+    words = noun_phrase(finding.name, finding.severity, rng)
+    if finding.side is None:
+        return words
+    return f"{words} in the {location_phrase(finding.side, finding.zone, rng)}"
+
+
+def _sentence(finding, rng: np.random.Generator) -> str:
+    phrase = caption(finding, rng)
+    if finding.name == "cardiomegaly":
+        return _pick(
+            (
+                "The heart is enlarged.",
+                f"There is {finding.severity} cardiomegaly.",
+                "The cardiac silhouette is enlarged.",
+            ),
+            rng,
+        )
+    template = _pick(("There is a {}.", "{}.", "A {} is noted.", "Findings of {}."), rng)
+    text = template.format(phrase)
+    return text[0].upper() + text[1:]
+
+
+def report(findings, rng: np.random.Generator) -> str:
+    """A FINDINGS / IMPRESSION report of ``findings`` with some absent findings negated."""
+    present = {f.name for f in findings}
+    sentences = [_sentence(f, rng) for f in findings]
+    absent = [name for name in LABELS[1:] if name not in present]
+    for name in rng.permutation(absent)[: rng.integers(1, 3)]:
+        sentences.append(_pick(NEGATIONS[str(name)], rng))
+    if not findings:
+        sentences.insert(0, _pick(("The lungs are clear.", "Lungs are clear bilaterally."), rng))
+        impression = _pick(("No acute cardiopulmonary process.", "Normal chest radiograph."), rng)
+    else:
+        parts = []
+        for f in findings:
+            noun = noun_phrase(f.name, "", rng)
+            where = f"{f.side} {f.zone} " if f.side else ""
+            parts.append(f"{where}{noun}")
+        impression = "; ".join(parts).capitalize() + "."
+    return "FINDINGS: " + " ".join(sentences) + " IMPRESSION: " + impression
+
+
+def concept_vocabulary() -> list[str]:
+    """Finding × location phrases used as the distillation concept vocabulary."""
+    from region_medclip.data.synth import LOCATIONS
+
+    concepts = []
+    for name, locations in LOCATIONS.items():
+        for side, zone in locations:
+            concepts.append(f"{name} in the {side} {zone} zone" if side else name)
+    return concepts
+
+
+# Severity words each finding can carry (as drawn by synth.draw_finding).
+SEVERITIES = {
+    "nodule": ("small", ""),
+    "mass": ("large", ""),
+    "consolidation": ("dense", "patchy"),
+    "atelectasis": ("linear", "plate-like", "subsegmental"),
+    "pleural effusion": ("small", "moderate", "large"),
+    "pneumothorax": ("small", "large"),
+    "cardiomegaly": ("mild", "moderate"),
+}
+
+
+def corpus(num_reports: int = 3000, seed: int = 0) -> list[str]:
+    """Reports, captions and hard negatives in the synthetic language (no images rendered):
+    the training text of the ``synth_bpe`` tokenizer."""
+    from region_medclip.data import negatives, synth
+
+    rng = np.random.default_rng(seed)
+    texts = []
+    for _ in range(num_reports):
+        findings = [
+            synth.Finding(name, side, zone, _pick(SEVERITIES[name], rng), (0.0, 0.0, 1.0, 1.0))
+            for name, side, zone in synth.choose_findings(rng)
+        ]
+        texts.append(report(findings, rng))
+        for finding in findings:
+            text = caption(finding, rng)
+            texts.append(text)
+            texts.extend(negatives.hard_negatives(text, 4))
+    return texts

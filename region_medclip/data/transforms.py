@@ -1,0 +1,233 @@
+"""Per-example grain transforms: decode → resize/pad → augment → normalise → ROIs → tokenize.
+
+Each transform takes and returns a dict. A record that cannot be used (unreadable image, empty
+report) is not dropped here: it is marked with ``_skip`` (the reason) and the batcher in
+``pipeline.py`` drops and counts it, so the count travels with the batch even from worker
+processes.
+"""
+
+import dataclasses
+import hashlib
+import io
+import logging
+import math
+
+import grain
+import numpy as np
+from PIL import Image
+
+from region_medclip.data import negatives as negatives_lib
+from region_medclip.data import schema
+from region_medclip.data.tokenizers import TextTokenizer
+
+# CLIP's image statistics; the gray film is replicated to three channels.
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+_log = logging.getLogger("region_medclip.data")
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _skip(example: dict, reason: str) -> dict:
+    _log.warning("skipping record %r: %s", _text(example.get("id", "?")), reason)
+    return {"_skip": reason, "id": example.get("id", "?")}
+
+
+@dataclasses.dataclass
+class Decode(grain.transforms.Map):
+    """Decodes the image to uint8 ``[H, W]`` gray and the text fields to str.
+
+    ``strict=True`` raises :class:`~region_medclip.data.schema.DataError` instead of marking
+    the record for skipping.
+    """
+
+    strict: bool = False
+
+    def map(self, example: dict) -> dict:
+        example = dict(example)
+        record_id = _text(example.get("id", "?"))
+        reason = None
+        image = example["image"]
+        try:
+            if isinstance(image, bytes | np.bytes_) or (
+                isinstance(image, np.ndarray) and image.dtype == object
+            ):
+                data = image.item() if isinstance(image, np.ndarray) else bytes(image)
+                if not data:
+                    raise ValueError("zero-byte image")
+                with Image.open(io.BytesIO(data)) as pil:
+                    image = np.asarray(pil.convert("L"))
+            image = np.asarray(image)
+            if image.ndim == 3:
+                image = np.asarray(Image.fromarray(image.astype(np.uint8)).convert("L"))
+            if image.ndim != 2 or min(image.shape) < 2:
+                raise ValueError(f"image of shape {image.shape}")
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on bad files
+            reason = f"unreadable image: {err}"
+        report = _text(example.get("report", ""))
+        if reason is None and not report.strip():
+            reason = "empty report"
+        if reason is not None:
+            if self.strict:
+                raise schema.DataError(f"record {record_id!r}: {reason}")
+            return _skip(example, reason)
+        example["image"] = image.astype(np.uint8)
+        example["report"] = report
+        example["box_captions"] = [_text(c) for c in example.get("box_captions", [])]
+        example["id"] = record_id
+        return example
+
+
+@dataclasses.dataclass
+class ResizePad(grain.transforms.Map):
+    """Scales the longer side to ``size`` keeping the aspect ratio, pads to a centred square,
+    and moves the boxes with the image."""
+
+    size: int
+
+    def map(self, example: dict) -> dict:
+        if "_skip" in example:
+            return example
+        image = example["image"]
+        height, width = image.shape
+        scale = self.size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        top, left = (self.size - new_h) // 2, (self.size - new_w) // 2
+        canvas = np.zeros((self.size, self.size), np.uint8)
+        canvas[top : top + new_h, left : left + new_w] = resized
+        boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
+        boxes = boxes * np.array([new_w / width, new_h / height] * 2) + [left, top, left, top]
+        return {**example, "image": canvas, "boxes": boxes.astype(np.float32)}
+
+
+@dataclasses.dataclass
+class Augment(grain.transforms.RandomMap):
+    """Random resized crop + small rotation + brightness/contrast, boxes moved with the image.
+
+    A box is transformed by its four corners (axis-aligned hull), clipped to the frame, and
+    dropped (with its caption) when less than ``min_visible`` of its area stays in the frame.
+    """
+
+    scale: tuple[float, float] = (0.75, 1.0)
+    max_rotation: float = 7.0  # degrees
+    brightness: float = 0.1
+    contrast: float = 0.15
+    min_visible: float = 0.5
+
+    def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+        if "_skip" in example:
+            return example
+        image = example["image"]
+        size = image.shape[0]
+        crop = size * math.sqrt(rng.uniform(*self.scale))
+        cx, cy = rng.uniform(crop / 2, size - crop / 2, size=2)
+        angle = math.radians(rng.uniform(-self.max_rotation, self.max_rotation))
+        zoom = size / crop
+        cos, sin = math.cos(angle) * zoom, math.sin(angle) * zoom
+        # Forward map (input → output pixel): rotate and zoom about the crop centre.
+        forward = np.array(
+            [
+                [cos, -sin, size / 2 - cos * cx + sin * cy],
+                [sin, cos, size / 2 - sin * cx - cos * cy],
+            ]
+        )
+        inverse = np.linalg.inv(np.vstack([forward, [0, 0, 1]]))[:2]
+        out = Image.fromarray(image).transform(
+            (size, size), Image.AFFINE, inverse.ravel().tolist(), Image.BILINEAR
+        )
+        pixels = np.asarray(out, np.float32)
+        gain = 1.0 + rng.uniform(-self.contrast, self.contrast)
+        shift = 255.0 * rng.uniform(-self.brightness, self.brightness)
+        pixels = (pixels - pixels.mean()) * gain + pixels.mean() + shift
+        example = {**example, "image": np.clip(pixels, 0, 255).astype(np.uint8)}
+        return _move_boxes(example, forward, size, self.min_visible)
+
+
+def _move_boxes(example: dict, forward: np.ndarray, size: int, min_visible: float) -> dict:
+    boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
+    if not len(boxes):
+        return example
+    corners = np.stack(
+        [boxes[:, [0, 1]], boxes[:, [2, 1]], boxes[:, [0, 3]], boxes[:, [2, 3]]], axis=1
+    )  # [R, 4, 2]
+    moved = corners @ forward[:, :2].T + forward[:, 2]
+    hull = np.concatenate([moved.min(axis=1), moved.max(axis=1)], axis=1)
+    area = (hull[:, 2] - hull[:, 0]) * (hull[:, 3] - hull[:, 1])
+    clipped = np.clip(hull, 0, size)
+    visible = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    keep = (visible >= min_visible * np.maximum(area, 1e-6)) & (visible > 0)
+    captions = [c for c, k in zip(example["box_captions"], keep, strict=True) if k]
+    labels = np.asarray(example["box_labels"]).reshape(-1)[keep]
+    return {
+        **example,
+        "boxes": clipped[keep].astype(np.float32),
+        "box_captions": captions,
+        "box_labels": labels,
+    }
+
+
+def caption_id(caption: str) -> int:
+    """Stable int32 id of a caption's normalised text: equal captions anywhere in the global
+    batch share it, so the ROI loss treats them as positives rather than false negatives."""
+    digest = hashlib.blake2b(" ".join(caption.lower().split()).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+@dataclasses.dataclass
+class Finalize(grain.transforms.Map):
+    """Normalises the image and builds fixed-size model inputs.
+
+    Output keys: ``images [S, S, 3]`` float32, ``texts [L]``, ``boxes [R, 4]`` normalised xyxy,
+    ``roi_mask [R]``, ``captions [R, L]``, ``cap_ids [R]``, ``negatives [R, K, L]``,
+    ``neg_mask [R, K]``, ``labels [C]``, ``box_labels [R]``.
+    """
+
+    tokenizer: TextTokenizer
+    max_rois: int
+    text_len: int
+    num_negatives: int
+    seed: int = 0
+
+    def map(self, example: dict) -> dict:
+        if "_skip" in example:
+            return example
+        image = example["image"].astype(np.float32) / 255.0
+        size = image.shape[0]
+        rois, k = self.max_rois, self.num_negatives
+        captions = list(example["box_captions"])[:rois]
+        count = len(captions)
+        boxes = np.zeros((rois, 4), np.float32)
+        boxes[:count] = np.asarray(example["boxes"], np.float32).reshape(-1, 4)[:count] / size
+        box_labels = np.full((rois,), -1, np.int32)
+        box_labels[:count] = np.asarray(example["box_labels"]).reshape(-1)[:count]
+        negs = [negatives_lib.hard_negatives(c, k, seed=self.seed) for c in captions]
+        neg_mask = np.zeros((rois, k), bool)
+        flat = [example["report"]] + captions
+        for r, group in enumerate(negs):
+            neg_mask[r, : len(group)] = True
+            flat += group
+        ids = self.tokenizer(flat, self.text_len)
+        captions_ids = np.zeros((rois, self.text_len), np.int32)
+        captions_ids[:count] = ids[1 : 1 + count]
+        negative_ids = np.zeros((rois, k, self.text_len), np.int32)
+        negative_ids[neg_mask] = ids[1 + count :]
+        cap_ids = np.full((rois,), -1, np.int32)
+        cap_ids[:count] = [caption_id(c) for c in captions]
+        return dict(
+            images=((image[..., None] - MEAN) / STD).astype(np.float32),
+            texts=ids[0],
+            boxes=boxes,
+            roi_mask=np.arange(rois) < count,
+            captions=captions_ids,
+            cap_ids=cap_ids,
+            negatives=negative_ids,
+            neg_mask=neg_mask,
+            labels=np.asarray(example["labels"], np.float32),
+            box_labels=box_labels,
+            # Boxes beyond max_rois are not used; the batcher counts them so none go unnoticed.
+            truncated_rois=np.int32(len(example["box_captions"]) - count),
+        )
