@@ -260,3 +260,20 @@ def test_hf_tokenizer_matches_transformers():
     texts = ["Small nodule in the right upper lobe.", "No pleural effusion", "x " * 50]
     expected = theirs(texts, padding="max_length", truncation=True, max_length=16)["input_ids"]
     np.testing.assert_array_equal(ours(texts, 16), np.array(expected))
+
+
+def test_global_batches_on_a_mesh():
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()).reshape(8), ("data",))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    ds = pipeline.make_dataset(
+        _config(), split="train", train=True, seed=0, batch_size=8, records=_records(8)
+    )
+    batch = next(pipeline.BatchIterator(ds, sharding))
+    assert isinstance(batch["images"], jax.Array) and batch["images"].shape == (8, 32, 32, 3)
+    assert len(batch["images"].sharding.device_set) == 8
+    assert batch["negatives"].sharding.spec == PartitionSpec("data")
+    plain = next(pipeline.BatchIterator(ds))
+    np.testing.assert_array_equal(np.asarray(batch["texts"]), plain["texts"])
