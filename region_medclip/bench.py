@@ -201,6 +201,39 @@ def bench_losses(args):
     return results, report
 
 
+def bench_data(args):
+    """Examples/s of the train pipeline (decode, resize, augment, tokenize, batch) on synth_cxr
+    films at 128 and 224 px, in-process and with worker processes."""
+    from configs import tiny_roi
+    from region_medclip.data import pipeline, synth
+
+    rows, batch_size = [], 32
+    for size in (128, 224):
+        records = [synth.render_record(i, size=size) for i in range(128)]
+        for workers in (0, 2):
+            config = tiny_roi.get_config()
+            config.data.image_size, config.data.workers = size, workers
+            ds = pipeline.make_dataset(
+                config.data,
+                split="train",
+                train=True,
+                seed=0,
+                batch_size=batch_size,
+                records=records,
+            )
+            it = pipeline.BatchIterator(ds)
+            for _ in range(3):  # warm-up: worker start-up and tokenizer training
+                next(it)
+            start = time.perf_counter()
+            for _ in range(args.data_batches):
+                next(it)
+            rate = args.data_batches * batch_size / (time.perf_counter() - start)
+            rows.append(dict(size=size, workers=workers, examples_per_s=round(rate, 1)))
+    machine = dict(platform=platform.platform(), cpus=os.cpu_count())
+    report = _markdown(rows, ["size", "workers", "examples_per_s"])
+    return dict(machine=machine, rows=rows), report
+
+
 def _not_implemented(name):
     def run(args):
         del args
@@ -211,7 +244,7 @@ def _not_implemented(name):
 
 SUBCOMMANDS = {
     "losses": bench_losses,
-    "data": _not_implemented("data"),
+    "data": bench_data,
     "train": _not_implemented("train"),
     "compare": _not_implemented("compare"),
 }
@@ -236,6 +269,8 @@ def _parser():
     losses_args.add_argument(
         "--max_host_gib", type=float, default=6.0, help="skip timing above this total memory"
     )
+    data_args = parser.add_argument_group("data")
+    data_args.add_argument("--data_batches", type=int, default=20, help="timed batches of 32")
     return parser
 
 

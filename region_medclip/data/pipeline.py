@@ -133,6 +133,11 @@ def make_dataset(
     )
     ds = _CountingBatch(ds.to_iter_dataset(), batch_size)
     if data_config.workers > 0:
+        from absl import flags
+
+        # grain's workers read absl flags; a caller outside `app.run` has not parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.workers))
     return ds
 
