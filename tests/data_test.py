@@ -277,3 +277,30 @@ def test_global_batches_on_a_mesh():
     assert batch["negatives"].sharding.spec == PartitionSpec("data")
     plain = next(pipeline.BatchIterator(ds))
     np.testing.assert_array_equal(np.asarray(batch["texts"]), plain["texts"])
+
+
+def test_source_of_an_unprepared_dataset_is_a_clear_error(tmp_path):
+    config = _config(data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="'vindr_cxr' is not prepared"):
+        pipeline.source("vindr_cxr", "train", config)
+    with pytest.raises(KeyError, match="unknown dataset 'nope'"):
+        pipeline.source("nope", "train", config)
+
+
+@pytest.mark.parametrize("name", ["vindr_cxr", "chexpert"])
+def test_prepared_real_dataset_feeds_the_pipeline(name, tmp_path):
+    import formats_fixtures
+    import tensorflow_datasets as tfds
+
+    from region_medclip.data.builders import builder_class
+
+    fixture = formats_fixtures.WRITERS[name](tmp_path / "raw")
+    builder = builder_class(name)(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    config = tfds.download.DownloadConfig(manual_dir=str(fixture.root))
+    builder.download_and_prepare(download_config=config)
+    data = _config(data_dir=str(tmp_path / "tfds"), train=name)
+    split = next(iter(builder.info.splits))
+    ds = pipeline.make_dataset(data, split=split, train=True, seed=0, batch_size=2)
+    batch = next(pipeline.BatchIterator(ds))
+    assert batch["images"].shape == (2, 32, 32, 3) and np.isfinite(batch["images"]).all()
+    assert batch["labels"].shape[0] == 2

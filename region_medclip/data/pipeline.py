@@ -40,14 +40,16 @@ def source(name: str, split: str, data_config) -> Any:
             seed=synth.get("seed", 0),
         )
         return builder.as_data_source(split=split)
-    import tensorflow_datasets as tfds
+    from region_medclip.data.builders import builder_class
 
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir)
-    except Exception as err:  # TFDS raises several types for a dataset that is not there
+    # Our own class, not tfds.data_source(name): TFDS ships a different `chexpert` builder.
+    builder = builder_class(name)(data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
         raise FileNotFoundError(
-            f"config.data: dataset {name!r} split {split!r} is not prepared in {data_dir}: {err}"
-        ) from err
+            f"config.data: dataset {name!r} is not prepared in {data_dir}; build it first "
+            f"with its builder's download_and_prepare (see MANUAL_DOWNLOAD_INSTRUCTIONS)"
+        )
+    return builder.as_data_source(split=split)
 
 
 class _CountingBatch(grain.IterDataset):
