@@ -46,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval = "synth_cxr"
     c.data.image_size = 224
     c.data.max_rois = 4
-    c.data.text_len = 77
+    c.data.text_len = 77  # report tokens
+    c.data.caption_len = 0  # box-caption and hard-negative tokens; 0: text_len
     c.data.num_negatives = 4
     c.data.tokenizer = "clip_bpe"  # clip_bpe | hf | synth_bpe (data/tokenizers.py)
     c.data.tokenizer_path = ""  # clip_bpe: merges file (default: open_clip's); hf: a directory
@@ -75,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ckpt_every = 1000
     c.train.keep = 3
     c.train.eval_every = 1000
-    c.train.grad_accum = 1
+    c.train.grad_accum = 1  # micro-batches per step (contrastive negatives stay per micro-batch)
+    c.train.max_bad_steps = 10  # this many non-finite steps in a row abort the run
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: every device not used by fsdp

@@ -234,6 +234,13 @@ def bench_data(args):
     return dict(machine=machine, rows=rows), report
 
 
+def bench_train(args):
+    """Train-step examples/s and MFU of the tiny and ViT-B/16 configs (bench_train.py)."""
+    from region_medclip import bench_train as bench_train_lib
+
+    return bench_train_lib.bench_train(args, _markdown)
+
+
 def _not_implemented(name):
     def run(args):
         del args
@@ -245,7 +252,7 @@ def _not_implemented(name):
 SUBCOMMANDS = {
     "losses": bench_losses,
     "data": bench_data,
-    "train": _not_implemented("train"),
+    "train": bench_train,
     "compare": _not_implemented("compare"),
 }
 
@@ -271,6 +278,14 @@ def _parser():
     )
     data_args = parser.add_argument_group("data")
     data_args.add_argument("--data_batches", type=int, default=20, help="timed batches of 32")
+    train_args = parser.add_argument_group("train")
+    train_args.add_argument("--train_steps", type=int, default=5, help="timed steps per config")
+    train_args.add_argument(
+        "--train_configs",
+        type=lambda s: s.split(","),
+        default=None,
+        help="subset of: tiny_roi, vitb16_roi:runlocal",
+    )
     return parser
 
 

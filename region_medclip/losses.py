@@ -74,9 +74,10 @@ def _as_varying(x, axis_name):
     transpose of this cast (a psum) add them up into the gradient of the replicated value.
     """
     x = jnp.asarray(x, jnp.float32)
-    if axis_name in jax.typeof(x).mat.varying:  # already per-device (jax 0.10 type field)
-        return x
-    return lax.pcast(x, axis_name, to="varying")
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    # Only the axes it is not yet per-device over (jax 0.10 type field).
+    missing = tuple(a for a in names if a not in jax.typeof(x).mat.varying)
+    return lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _f32(*arrays):

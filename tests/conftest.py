@@ -6,6 +6,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Training tests compile the same small steps again and again, also in the subprocesses they
+# start (which inherit this environment): a persistent compilation cache shares the work.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(__import__("tempfile").gettempdir(), "region_medclip_test_jax_cache"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import importlib  # noqa: E402
 

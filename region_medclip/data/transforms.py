@@ -181,8 +181,9 @@ def caption_id(caption: str) -> int:
 class Finalize(grain.transforms.Map):
     """Normalises the image and builds fixed-size model inputs.
 
-    Output keys: ``images [S, S, 3]`` float32, ``texts [L]``, ``boxes [R, 4]`` normalised xyxy,
-    ``roi_mask [R]``, ``captions [R, L]``, ``cap_ids [R]``, ``negatives [R, K, L]``,
+    Output keys (``L`` = ``text_len``, ``Lc`` = ``caption_len`` or ``L``): ``images [S, S, 3]``
+    float32, ``texts [L]``, ``boxes [R, 4]`` normalised xyxy,
+    ``roi_mask [R]``, ``captions [R, Lc]``, ``cap_ids [R]``, ``negatives [R, K, Lc]``,
     ``neg_mask [R, K]``, ``labels [C]``, ``box_labels [R]``.
     """
 
@@ -191,6 +192,7 @@ class Finalize(grain.transforms.Map):
     text_len: int
     num_negatives: int
     seed: int = 0
+    caption_len: int = 0  # 0: text_len
 
     def map(self, example: dict) -> dict:
         if "_skip" in example:
@@ -210,16 +212,18 @@ class Finalize(grain.transforms.Map):
         for r, group in enumerate(negs):
             neg_mask[r, : len(group)] = True
             flat += group
-        ids = self.tokenizer(flat, self.text_len)
-        captions_ids = np.zeros((rois, self.text_len), np.int32)
-        captions_ids[:count] = ids[1 : 1 + count]
-        negative_ids = np.zeros((rois, k, self.text_len), np.int32)
-        negative_ids[neg_mask] = ids[1 + count :]
+        cap_len = self.caption_len or self.text_len
+        report = self.tokenizer(flat[:1], self.text_len)[0]
+        ids = self.tokenizer(flat[1:], cap_len)
+        captions_ids = np.zeros((rois, cap_len), np.int32)
+        captions_ids[:count] = ids[:count]
+        negative_ids = np.zeros((rois, k, cap_len), np.int32)
+        negative_ids[neg_mask] = ids[count:]
         cap_ids = np.full((rois,), -1, np.int32)
         cap_ids[:count] = [caption_id(c) for c in captions]
         return dict(
             images=((image[..., None] - MEAN) / STD).astype(np.float32),
-            texts=ids[0],
+            texts=report,
             boxes=boxes,
             roi_mask=np.arange(rois) < count,
             captions=captions_ids,

@@ -1,0 +1,130 @@
+"""The training state and its sharded creation."""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from region_medclip import sharding as sharding_lib
+
+MODEL_INPUTS = ("images", "texts", "boxes", "roi_mask")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a resumed run needs besides the data iterator (the teacher is not in it).
+
+    Attributes:
+      step: [] int32, updates attempted (skipped non-finite steps count too, so the schedule and
+        the data stay aligned).
+      params: model params (unboxed).
+      opt_state: optimizer state.
+      rng: [] PRNG key data (uint32 [2]) for dropout/augmentation inside the step.
+      skipped: [] int32, steps skipped because the loss or gradient was not finite.
+      bad_streak: [] int32, consecutive skipped steps (reset by a good one).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    skipped: jax.Array
+    bad_streak: jax.Array
+
+
+def init_params(model: nn.Module, rng: jax.Array, example: dict[str, jax.Array]):
+    """Boxed (logically partitioned) params of ``model`` for the example inputs (arrays or
+    ``ShapeDtypeStruct``s: only shapes are used)."""
+    x = {k: jnp.zeros(example[k].shape, example[k].dtype) for k in MODEL_INPUTS}
+    return model.init(rng, *(x[k] for k in MODEL_INPUTS))["params"]
+
+
+def create(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    example: dict[str, jax.Array],
+    init_params_fn: Callable[[Any], Any] | None = None,
+) -> TrainState:
+    """A fresh state (unsharded; wrap in ``jax.jit`` with ``out_shardings`` to shard it).
+
+    Args:
+      model: the ``RegionCLIP`` module.
+      tx: the optimizer.
+      rng: [2] uint32 PRNG key.
+      example: model inputs with the batch shape (values are not used beyond shapes).
+      init_params_fn: optional params → params replacing the random init (pretrained weights).
+    """
+    init_rng, state_rng = jax.random.split(rng)
+    params = nn.meta.unbox(init_params(model, init_rng, example))
+    if init_params_fn is not None:
+        params = init_params_fn(params)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        step=zero,
+        params=params,
+        opt_state=tx.init(params),
+        rng=state_rng,
+        skipped=zero,
+        bad_streak=zero,
+    )
+
+
+def shardings(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    example: dict[str, jax.Array],
+    mesh: Mesh,
+) -> tuple[TrainState, TrainState]:
+    """The abstract state (shapes) and a matching pytree of ``NamedSharding``.
+
+    Params follow the logical rules of :mod:`region_medclip.sharding`; optimizer moments mirror
+    their params (matched by key path and shape); everything else is replicated.
+    """
+    rng = jax.random.PRNGKey(0)
+    boxed = jax.eval_shape(lambda: init_params(model, rng, example))
+    params_sharding = sharding_lib.param_shardings(boxed, mesh)
+    abstract = jax.eval_shape(lambda: create(model, tx, rng, example))
+    replicated = sharding_lib.replicated(mesh)
+
+    opt_state_sharding = _like_params(
+        abstract.opt_state, abstract.params, params_sharding, replicated
+    )
+    state_sharding = TrainState(
+        step=replicated,
+        params=params_sharding,
+        opt_state=opt_state_sharding,
+        rng=replicated,
+        skipped=replicated,
+        bad_streak=replicated,
+    )
+    return abstract, state_sharding
+
+
+def _like_params(tree, params, params_sharding, default):
+    """Shards each leaf of ``tree`` whose key path ends in a param's path (with its shape) like
+    that param; other leaves get ``default``. Optimizer states nest params-shaped trees (moments,
+    masked per tower) under their own keys, so the trailing dict keys identify the param."""
+    by_path = {
+        tuple(k.key for k in path): (leaf.shape, sharding)
+        for (path, leaf), sharding in zip(
+            jax.tree_util.tree_leaves_with_path(params),
+            jax.tree.leaves(params_sharding),
+            strict=True,
+        )
+    }
+
+    def pick(path, leaf):
+        keys = []
+        for entry in reversed(path):
+            if not isinstance(entry, jax.tree_util.DictKey):
+                break
+            keys.insert(0, entry.key)
+        shape, sharding = by_path.get(tuple(keys), (None, default))
+        return sharding if shape == getattr(leaf, "shape", None) else default
+
+    return jax.tree_util.tree_map_with_path(pick, tree)

@@ -1,0 +1,502 @@
+"""Training: mesh → sharded state → jitted train step → loop with checkpoints and metrics.
+
+The model runs under ``jax.jit`` with explicit shardings (GSPMD partitions it from the param and
+batch layouts); the losses run inside ``jax.shard_map`` over the batch axes, where each device
+holds its local shard and the losses' own collectives assemble the global-batch loss.
+"""
+
+import functools
+import json
+import logging
+import math
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from region_medclip import checkpointing, config_lib, losses, metrics_writer, optim
+from region_medclip import sharding as sharding_lib
+from region_medclip import state as state_lib
+from region_medclip.data import pipeline
+from region_medclip.data import tokenizers as tokenizers_lib
+from region_medclip.models import clip
+
+_log = logging.getLogger("region_medclip.train")
+
+# Prompt templates averaged into each distillation concept's embedding (prompt ensembling).
+CONCEPT_TEMPLATES = ("{}", "there is {}", "findings of {}", "a chest x-ray showing {}")
+# Batch keys the loss reads besides the embeddings.
+_LOSS_BATCH_KEYS = ("roi_mask", "cap_ids", "neg_mask", "labels")
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+
+
+def _apply(model, params, method, *args):
+    return model.apply({"params": params}, *args, method=method)
+
+
+def encode_regions_only(module: clip.RegionCLIP, images, boxes, roi_mask):
+    """``images [B, H, W, C]``, ``boxes [B, R, 4]``, ``roi_mask [B, R]`` → ``zroi [B, R, D]``."""
+    _, patch_tokens = module.encode_image(images)
+    return module.encode_regions(patch_tokens, boxes, roi_mask)
+
+
+def concept_embeddings(model, params, tokens: jax.Array) -> jax.Array:
+    """``tokens [C, T, L]`` (concepts × prompt templates) → ``[C, D]`` prompt-ensembled,
+    renormalised concept embeddings."""
+    z = _apply(model, params, clip.RegionCLIP.encode_text, tokens)
+    return clip.l2_normalize(jnp.mean(z, axis=1))
+
+
+def forward(model, params, batch, loss_config) -> dict[str, jax.Array]:
+    """Model outputs ``total_loss`` needs. Caption and negative towers run only when their loss
+    weights are non-zero; both go through the text tower in one call."""
+    out = model.apply(
+        {"params": params}, batch["images"], batch["texts"], batch["boxes"], batch["roi_mask"]
+    )
+    out.pop("patch_tokens")
+    if loss_config.beta > 0 or loss_config.gamma > 0:
+        n, r, lc = batch["captions"].shape
+        if loss_config.gamma > 0:
+            k = batch["negatives"].shape[2]
+            tokens = jnp.concatenate([batch["captions"][:, :, None], batch["negatives"]], axis=2)
+            z = _apply(model, params, clip.RegionCLIP.encode_text, tokens)  # [n, R, 1 + K, D]
+            out["zcap"], out["zneg"] = z[:, :, 0], z[:, :, 1:]
+            assert out["zneg"].shape[2] == k
+        else:
+            out["zcap"] = _apply(model, params, clip.RegionCLIP.encode_text, batch["captions"])
+    return out
+
+
+def sharded_total_loss(mesh: Mesh, loss_config, **kwargs):
+    """``losses.total_loss`` over the global batch, run per device inside ``jax.shard_map``."""
+    axes = sharding_lib.BATCH_AXES
+
+    def spec(x):
+        return P() if jnp.ndim(x) == 0 else P(axes)
+
+    def local(out, batch, student, teacher):
+        return losses.total_loss(
+            out=out,
+            batch=batch,
+            loss_config=loss_config,
+            student_logits=student,
+            teacher_logits=teacher,
+            axis_name=axes,
+        )
+
+    args = (kwargs["out"], kwargs["batch"], kwargs["student_logits"], kwargs["teacher_logits"])
+    fn = jax.shard_map(local, mesh=mesh, in_specs=jax.tree.map(spec, args), out_specs=(P(), P()))
+    return fn(*args)
+
+
+def make_train_step(
+    *,
+    model: clip.RegionCLIP,
+    tx: optax.GradientTransformation,
+    lr_fn: Callable,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    state_sharding,
+    teacher: "Teacher | None" = None,
+) -> Callable:
+    """The jitted ``train_step(state, batch, teacher_params) → (state, metrics)``.
+
+    The state is donated. A step whose loss or gradient is not finite leaves params and optimizer
+    state unchanged and counts itself in ``state.skipped`` / ``state.bad_streak``.
+    """
+    loss_config = config.loss
+    accum = int(config.train.grad_accum)
+    distill = teacher is not None and loss_config.lambda_ > 0
+    clamp = loss_config.global_kind != "sigmoid"  # softmax-style scale clamped to [0, log 100]
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+
+    def loss_fn(params, batch, teacher_params):
+        out = forward(model, params, batch, loss_config)
+        loss_batch = {k: batch[k] for k in _LOSS_BATCH_KEYS if k in batch}
+        # Uncertain (−1) findings count as absent in the label-similarity loss (U-zeros).
+        loss_batch["labels"] = jnp.maximum(batch["labels"], 0.0)
+        student_logits = teacher_logits = None
+        if distill:
+            temperature = config.teacher.temperature
+            concepts = concept_embeddings(model, params, teacher.concept_tokens)
+            student_logits = jnp.einsum("nrd,cd->nrc", out["zroi"], concepts) / temperature
+            zroi_t = _apply(
+                teacher.model,
+                teacher_params["params"],
+                encode_regions_only,
+                batch["images"],
+                batch["boxes"],
+                batch["roi_mask"],
+            )
+            teacher_logits = jnp.einsum("nrd,cd->nrc", zroi_t, teacher_params["concepts"])
+            teacher_logits = jax.lax.stop_gradient(teacher_logits / temperature)
+        loss, metrics = sharded_total_loss(
+            mesh,
+            loss_config,
+            out=out,
+            batch=loss_batch,
+            student_logits=student_logits,
+            teacher_logits=teacher_logits,
+        )
+        return loss, metrics
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_batches(batch):
+        # Strided split: micro-batch j takes rows j, j + k, ...; each keeps the layout over devices.
+        def split(x):
+            x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+            return x
+
+        return jax.tree.map(split, batch)
+
+    def gradients(params, batch, teacher_params):
+        if accum == 1:
+            (loss, metrics), grads = grad_fn(params, batch, teacher_params)
+            return loss, metrics, grads
+
+        def body(carry, micro):
+            micro = jax.tree.map(
+                lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), micro
+            )
+            (loss, metrics), grads = grad_fn(params, micro, teacher_params)
+            acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+            return acc, None
+
+        zeros = jax.eval_shape(
+            grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches(batch)), teacher_params
+        )
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1], zeros[1])
+        )
+        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro_batches(batch))
+        return jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+
+    def train_step(state: state_lib.TrainState, batch, teacher_params):
+        loss, metrics, grads = gradients(state.params, batch, teacher_params)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if clamp:
+            params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, math.log(100))}
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+        bad = (~ok).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            rng=jax.random.fold_in(state.rng, state.step),
+            skipped=state.skipped + bad,
+            bad_streak=(state.bad_streak + bad) * bad,
+        )
+        # A fingerprint of the batch's report tokens: equal data order ⇔ equal sequences of these.
+        texts = batch["texts"].astype(jnp.uint32)
+        weights = jnp.arange(1, texts.size + 1, dtype=jnp.uint32).reshape(texts.shape)
+        metrics = {
+            **metrics,
+            "grad_norm": grad_norm,
+            "lr": lr_fn(state.step),
+            "skipped_steps": new_state.skipped,
+            "bad_streak": new_state.bad_streak,
+            "nonfinite": bad,
+            "data/fingerprint": jnp.sum(texts * weights),
+        }
+        return new_state, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding, sharding_lib.replicated(mesh)),
+        out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher and initialisation from other runs.
+
+
+class Teacher:
+    """A frozen model for ROI-concept distillation: its module, the concept tokens (student's
+    tokenizer) and its params + concept embeddings (teacher's tokenizer), kept outside the
+    ``TrainState`` so the optimizer never sees them."""
+
+    def __init__(self, path: str, student_data_config, concepts: list[str], mesh: Mesh):
+        params, cfg, step = checkpointing.restore_params(path)
+        teacher_config = ml_collections.ConfigDict(cfg)
+        self.model = clip.from_config(teacher_config.model)
+        self.step = step
+        teacher_tok = tokenizers_lib.from_config(teacher_config.data)
+        student_tok = tokenizers_lib.from_config(student_data_config)
+        length = teacher_config.data.get("caption_len", 0) or teacher_config.data.text_len
+        teacher_tokens = _concept_tokens(teacher_tok, concepts, length)
+        student_len = student_data_config.get("caption_len", 0) or student_data_config.text_len
+        self.concept_tokens = jnp.asarray(_concept_tokens(student_tok, concepts, student_len))
+        replicated = sharding_lib.replicated(mesh)
+        params = jax.device_put(params, replicated)
+        concepts_z = jax.jit(functools.partial(concept_embeddings, self.model))(
+            params, teacher_tokens
+        )
+        self.params = {"params": params, "concepts": concepts_z}
+        _log.info("teacher: step %d of %s, %d concepts", step, path, len(concepts))
+
+
+def _concept_tokens(tokenizer, concepts: list[str], length: int) -> np.ndarray:
+    """``[C, T, L]`` tokens of every concept in every template."""
+    texts = [t.format(c) for c in concepts for t in CONCEPT_TEMPLATES]
+    return tokenizer(texts, length).reshape(len(concepts), len(CONCEPT_TEMPLATES), length)
+
+
+def concept_vocabulary(dataset: str) -> list[str]:
+    """The distillation concepts of a dataset: finding × location phrases."""
+    from region_medclip.data import synth_text
+
+    if dataset == "synth_cxr":
+        return synth_text.concept_vocabulary()
+    from region_medclip.data.formats import LABEL_NAMES
+
+    names = LABEL_NAMES.get(dataset)
+    if not names:
+        raise ValueError(f"config.data.train={dataset!r}: no concept vocabulary for distillation")
+    return [n.lower() for n in names]
+
+
+def load_init_params(path: str, params):
+    """Params from another run's latest checkpoint (or a ``convert`` output) for ``params`` (a
+    pytree of arrays or shapes), as host arrays of the same structure and dtypes.
+
+    Raises:
+      ValueError: naming the first param path missing from, or shaped differently in, ``path``.
+    """
+    loaded, _, step = checkpointing.restore_params(path)
+    flat = dict(jax.tree_util.tree_leaves_with_path(params))
+    source = dict(jax.tree_util.tree_leaves_with_path(loaded))
+    for key, value in flat.items():
+        if key not in source:
+            raise ValueError(f"config.model.init_from={path}: no param {jax.tree_util.keystr(key)}")
+        if tuple(source[key].shape) != tuple(value.shape):
+            raise ValueError(
+                f"config.model.init_from={path}: {jax.tree_util.keystr(key)} has shape "
+                f"{tuple(source[key].shape)}, the model wants {tuple(value.shape)}"
+            )
+    _log.info("initialised params from %s (step %d)", path, step)
+    return jax.tree_util.tree_map_with_path(lambda k, v: jnp.asarray(source[k], v.dtype), params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Preemption:
+    """SIGTERM sets a flag the loop checks after each step (the step in flight finishes)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        _log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def check(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            # All hosts agree on the step to stop at (JAX's preemption service sees SIGTERM).
+            return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
+        return self.requested
+
+
+def _host(x: jax.Array) -> float:
+    """A replicated scalar as a host float (also when other processes hold copies too)."""
+    return float(np.asarray(x.addressable_data(0)))
+
+
+def _example(config) -> dict[str, jax.ShapeDtypeStruct]:
+    d = config.data
+    size, rois = d.image_size, d.max_rois
+    return dict(
+        images=jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+        texts=jax.ShapeDtypeStruct((1, d.text_len), jnp.int32),
+        boxes=jax.ShapeDtypeStruct((1, rois, 4), jnp.float32),
+        roi_mask=jax.ShapeDtypeStruct((1, rois), jnp.bool_),
+    )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    batch_hook: Callable[[int, dict], dict] | None = None,
+) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
+
+    Args:
+      config: a validated config (``config_lib.validate`` is called again here).
+      workdir: checkpoints, ``config.json``, ``metrics.jsonl`` and ``tb/`` go here.
+      batch_hook: ``(step, numpy batch) → batch`` applied on the host before a batch is sharded
+        (tests use it to inject bad batches).
+
+    Returns:
+      the last logged metrics (host floats) plus ``step`` and ``preempted``.
+    """
+    config_lib.validate(config)
+    workdir_path = epath.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    config_json = json.loads(config.to_json_best_effort())
+    if jax.process_index() == 0:
+        (workdir_path / "config.json").write_text(json.dumps(config_json, indent=2))
+    if config.evals:
+        raise NotImplementedError(
+            f"config.evals={sorted(config.evals)}: evaluators are not available in this version"
+        )
+
+    mesh = sharding_lib.make_mesh(config.mesh)
+    num_devices, num_processes = mesh.devices.size, jax.process_count()
+    batch_size, accum = int(config.data.batch_size), int(config.train.grad_accum)
+    if batch_size % (num_devices * accum):
+        raise ValueError(
+            f"config.data.batch_size={batch_size} must be divisible by the {num_devices} devices "
+            f"× config.train.grad_accum={accum}"
+        )
+    total_steps = int(config.train.total_steps)
+
+    model = clip.from_config(config.model)
+    example = _example(config)
+    boxed = jax.eval_shape(lambda: state_lib.init_params(model, jax.random.PRNGKey(0), example))
+    tx, lr_fn = optim.make_optimizer(config.optim, nn.meta.unbox(boxed), total_steps)
+    abstract, state_sharding = state_lib.shardings(model, tx, example, mesh)
+
+    teacher = None
+    if config.teacher.init_from and config.loss.lambda_ > 0:
+        concepts = concept_vocabulary(config.data.train)
+        teacher = Teacher(config.teacher.init_from, config.data, concepts, mesh)
+    teacher_params = teacher.params if teacher else {}
+
+    tokenizer = tokenizers_lib.from_config(config.data)
+    dataset = pipeline.make_dataset(
+        config.data,
+        split="train",
+        train=True,
+        seed=config.seed,
+        batch_size=batch_size // num_processes,
+        process_index=jax.process_index(),
+        process_count=num_processes,
+        tokenizer=tokenizer,
+    )
+    batches = pipeline.BatchIterator(dataset)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep)
+    start = ckpt.latest_step()
+    if start is not None:
+        target = checkpointing.abstract_with_shardings(abstract, state_sharding)
+        state = ckpt.restore(start, target, batches)
+        _log.info("resumed from step %d", start)
+    else:
+        loaded = None
+        if config.model.init_from:
+            loaded = load_init_params(config.model.init_from, abstract.params)
+
+        # Created inside jit even with loaded params: every leaf gets buffers of its own, which
+        # donation needs (an eager optimizer init may hand one array to two leaves).
+        def create(rng, loaded):
+            init_fn = None if loaded is None else (lambda _: loaded)
+            return state_lib.create(model, tx, rng, example, init_params_fn=init_fn)
+
+        state = jax.jit(create, out_shardings=state_sharding)(
+            jax.random.PRNGKey(config.seed), loaded
+        )
+        start = 0
+
+    train_step = make_train_step(
+        model=model,
+        tx=tx,
+        lr_fn=lr_fn,
+        config=config,
+        mesh=mesh,
+        state_sharding=state_sharding,
+        teacher=teacher,
+    )
+    writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    progress = metrics_writer.Progress(total_steps, start, batch_size)
+    log_every = max(int(config.train.log_every), 1)
+    max_bad = int(config.train.max_bad_steps)
+    last: dict[str, Any] = {}
+    pending = None  # (step, metrics on device): read one step late to keep dispatch ahead
+    preempted = False
+
+    def drain(pending):
+        step, metrics = pending
+        metrics = {k: _host(v) for k, v in metrics.items()}
+        if metrics["nonfinite"]:
+            _log.warning(
+                "step %d: non-finite loss or gradient, update skipped (%d skipped in total)",
+                step,
+                int(metrics["skipped_steps"]),
+            )
+        if metrics["bad_streak"] >= max_bad:
+            raise FloatingPointError(
+                f"{int(metrics['bad_streak'])} non-finite steps in a row up to step {step} "
+                f"(config.train.max_bad_steps={max_bad}); lower config.optim.lr or check the data"
+            )
+        if step % log_every == 0 or step == total_steps:
+            metrics.update(
+                progress.rates(step), **{f"data/{k}": v for k, v in batches.totals.items()}
+            )
+            writer.write(step, metrics)
+            _log.info(progress.line(step, metrics))
+        return metrics
+
+    try:
+        with _Preemption() as preemption:
+            for step in range(start + 1, total_steps + 1):
+                batch = next(batches)
+                if batch_hook is not None:
+                    batch = batch_hook(step, batch)
+                batch = {
+                    k: jax.make_array_from_process_local_data(batch_sharding, v)
+                    for k, v in batch.items()
+                }
+                state, metrics = train_step(state, batch, teacher_params)
+                if pending is not None:
+                    last = drain(pending)
+                pending = (step, metrics)
+                if step % config.train.ckpt_every == 0 or step == total_steps:
+                    ckpt.save(step, state, batches, config_json)
+                if preemption.check(step):
+                    last, pending = drain(pending), None
+                    if step not in ckpt.all_steps():
+                        ckpt.save(step, state, batches, config_json, force=True)
+                    preempted = True
+                    break
+            if pending is not None:
+                last = drain(pending)
+    finally:
+        ckpt.close()  # waits for saves in flight, also when a step raised
+        writer.close()
+    return {**last, "step": int(_host(state.step)), "preempted": preempted}
