@@ -27,6 +27,7 @@ def get_config(arg: str | None = None):
         c.data.text_len = 128
     else:
         raise config_lib.ConfigError(f"config arg 'text': {args.text!r} is not clip or bert")
+    c.data.caption_len = 32  # box captions and hard negatives are short phrases
     c.model.region = dict(roi_size=4, sampling_ratio=2, pool="mean", proj="shared")
     c.model.embed_dim = 512
     c.data.image_size = args.res
@@ -37,6 +38,7 @@ def get_config(arg: str | None = None):
 
     if args.runlocal:
         c.data.batch_size = 8
+        c.data.synth = dict(num=2000, seed=0)  # builds in seconds at 224 px
         c.optim.warmup_steps = 5
         c.train.total_steps = 20
         c.train.log_every = 1

@@ -300,13 +300,18 @@ def load_init_params(path: str, params):
 
 
 class _Preemption:
-    """SIGTERM sets a flag the loop checks after each step (the step in flight finishes)."""
+    """SIGTERM sets a flag the loop checks after each step (the step in flight finishes); with
+    several processes, JAX's preemption sync point makes them all stop at the same step."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            # JAX's preemption service owns SIGTERM in a multi-process job (a Python handler
+            # would replace its notifier and the processes could stop at different steps).
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: leave signals alone

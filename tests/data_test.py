@@ -104,17 +104,28 @@ def _png(array):
 
 def _config(**data):
     config = tiny_roi.get_config()
-    config.data.image_size = 32
-    config.data.text_len = 32
+    config.data.update(image_size=32, text_len=32, caption_len=0, max_rois=4, num_negatives=3)
     config.data.update(data)
     return config.data
 
 
-def _batches(records, n, **kwargs):
+def _batches(records, n, data_config=None, **kwargs):
     args = dict(split="train", train=True, seed=0, batch_size=4, records=records)
-    ds = pipeline.make_dataset(_config(), **{**args, **kwargs})
+    ds = pipeline.make_dataset(data_config or _config(), **{**args, **kwargs})
     it = pipeline.BatchIterator(ds)
     return it, [next(it) for _ in range(n)]
+
+
+def test_caption_len_shortens_captions_and_negatives_only():
+    records = _records()
+    _, (full,) = _batches(records, 1)
+    _, (short,) = _batches(records, 1, data_config=_config(caption_len=16))
+    assert short["texts"].shape == (4, 32) and short["captions"].shape == (4, 4, 16)
+    assert short["negatives"].shape == (4, 4, 3, 16)
+    np.testing.assert_array_equal(short["texts"], full["texts"])
+    # Captions fit in 16 tokens: the same ids, less padding.
+    np.testing.assert_array_equal(short["captions"], full["captions"][..., :16])
+    assert (full["captions"][..., 16:] == 0).all()
 
 
 def test_pipeline_shapes_and_masks():
