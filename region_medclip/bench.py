@@ -7,7 +7,8 @@ sigmoid gather. Peak memory per device is read from the compiled per-device prog
 (arguments + outputs + temporaries), so it is measured even where the run would not fit in this
 machine's memory; such sizes are compiled but not timed.
 
-Other subcommands are registered in SUBCOMMANDS and added by their owners.
+`data` measures the train pipeline's examples/s; `train` the train step's examples/s and MFU
+(bench_train.py). `compare` (against open_clip) is registered in SUBCOMMANDS but not written yet.
 """
 
 import os

@@ -10,15 +10,12 @@ import os
 import statistics
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from region_medclip import optim, train
 from region_medclip import sharding as sharding_lib
-from region_medclip import state as state_lib
+from region_medclip import train
 from region_medclip.data import pipeline
-from region_medclip.models import clip
 
 
 def matmul_peak(device: jax.Device, dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
@@ -53,17 +50,9 @@ def compiled_flops(compiled) -> float:
 def measure_step(config, *, steps: int, device: jax.Device) -> dict:
     """Compiles and times ``steps`` train steps of ``config`` on ``device``."""
     mesh = sharding_lib.make_mesh(config.mesh, [device])
-    model = clip.from_config(config.model)
-    example = train._example(config)
-    boxed = jax.eval_shape(lambda: state_lib.init_params(model, jax.random.PRNGKey(0), example))
-    tx, lr_fn = optim.make_optimizer(config.optim, nn.meta.unbox(boxed), 1000)
-    _, shardings = state_lib.shardings(model, tx, example, mesh)
-    state = jax.jit(lambda r: state_lib.create(model, tx, r, example), out_shardings=shardings)(
-        jax.random.PRNGKey(0)
-    )
-    step = train.make_train_step(
-        model=model, tx=tx, lr_fn=lr_fn, config=config, mesh=mesh, state_sharding=shardings
-    )
+    run = train.setup(config, mesh)
+    state = run.init_state(0)
+    step = run.train_step(config, mesh)
     batch_sharding = sharding_lib.batch_sharding(mesh)
     batch = jax.device_put(
         pipeline.random_batch(config.data, config.data.batch_size), batch_sharding

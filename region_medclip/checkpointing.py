@@ -112,9 +112,10 @@ def abstract_with_shardings(abstract, shardings):
     )
 
 
-def restore_params(path: str, abstract_params=None):
-    """Params of the latest checkpoint in a workdir (``path``) or a ``checkpoints`` dir, as numpy
-    arrays unless ``abstract_params`` (shapes with shardings) is given.
+def restore_params(path: str, abstract_params=None, step: int | None = None):
+    """Params of the latest checkpoint (or ``step``) in a workdir (``path``) or a
+    ``checkpoints`` dir, as numpy arrays unless ``abstract_params`` (shapes with shardings) is
+    given. Returns ``(params, config dict, step)``.
 
     Raises:
       FileNotFoundError: naming ``path`` when it holds no checkpoint.
@@ -129,9 +130,12 @@ def restore_params(path: str, abstract_params=None):
         },
         options=ocp.CheckpointManagerOptions(read_only=True),
     )
-    step = manager.latest_step()
+    if step is None:
+        step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{path}: no checkpoint found (looked in {directory})")
+    if step not in manager.all_steps():
+        raise FileNotFoundError(f"{path}: no checkpoint {step}; have {list(manager.all_steps())}")
     if abstract_params is None:
         # Host numpy arrays: valid whatever topology saved them.
         metadata = manager.item_metadata(step)["state"].tree

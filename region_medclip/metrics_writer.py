@@ -39,6 +39,11 @@ class MetricsWriter:
             if value is not None:
                 self._tb.add_scalar(key, value, step)
 
+    @property
+    def tensorboard(self):
+        """The TensorBoard writer (None on processes that do not write)."""
+        return self._tb
+
     def close(self) -> None:
         if self.enabled:
             self._file.close()

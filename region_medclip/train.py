@@ -11,7 +11,7 @@ import logging
 import math
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -352,6 +352,55 @@ def _example(config) -> dict[str, jax.ShapeDtypeStruct]:
     )
 
 
+class Setup(NamedTuple):
+    """What a run builds from its config before any data: the model, optimizer and state layout."""
+
+    model: clip.RegionCLIP
+    tx: optax.GradientTransformation
+    lr_fn: Callable
+    example: dict[str, jax.ShapeDtypeStruct]
+    abstract: state_lib.TrainState  # shapes
+    shardings: state_lib.TrainState  # NamedShardings on the mesh
+
+    def init_state(self, seed: int, params=None) -> state_lib.TrainState:
+        """A fresh sharded state; ``params`` (host arrays) replace the random init if given.
+
+        Created inside jit even with given params: every leaf gets buffers of its own, which
+        donation needs (an eager optimizer init may hand one array to two leaves).
+        """
+
+        def create(rng, params):
+            init_fn = None if params is None else (lambda _: params)
+            return state_lib.create(self.model, self.tx, rng, self.example, init_params_fn=init_fn)
+
+        return jax.jit(create, out_shardings=self.shardings)(jax.random.PRNGKey(seed), params)
+
+    def train_step(self, config, mesh: Mesh, teacher: "Teacher | None" = None) -> Callable:
+        """:func:`make_train_step` for this setup."""
+        return make_train_step(
+            model=self.model,
+            tx=self.tx,
+            lr_fn=self.lr_fn,
+            config=config,
+            mesh=mesh,
+            state_sharding=self.shardings,
+            teacher=teacher,
+        )
+
+
+def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
+    """Builds the model, the optimizer (scheduled over ``train.total_steps``) and the sharded
+    state layout of ``config`` on ``mesh``; allocates nothing."""
+    model = clip.from_config(config.model)
+    example = _example(config)
+    boxed = jax.eval_shape(lambda: state_lib.init_params(model, jax.random.PRNGKey(0), example))
+    tx, lr_fn = optim.make_optimizer(
+        config.optim, nn.meta.unbox(boxed), int(config.train.total_steps)
+    )
+    abstract, shardings = state_lib.shardings(model, tx, example, mesh)
+    return Setup(model, tx, lr_fn, example, abstract, shardings)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -375,10 +424,9 @@ def train_and_evaluate(
     config_json = json.loads(config.to_json_best_effort())
     if jax.process_index() == 0:
         (workdir_path / "config.json").write_text(json.dumps(config_json, indent=2))
-    if config.evals:
-        raise NotImplementedError(
-            f"config.evals={sorted(config.evals)}: evaluators are not available in this version"
-        )
+    from region_medclip.evaluators import run as evals_lib
+
+    evals = {name: evals_lib.eval_config(config, name) for name in config.evals}
 
     mesh = sharding_lib.make_mesh(config.mesh)
     num_devices, num_processes = mesh.devices.size, jax.process_count()
@@ -390,11 +438,7 @@ def train_and_evaluate(
         )
     total_steps = int(config.train.total_steps)
 
-    model = clip.from_config(config.model)
-    example = _example(config)
-    boxed = jax.eval_shape(lambda: state_lib.init_params(model, jax.random.PRNGKey(0), example))
-    tx, lr_fn = optim.make_optimizer(config.optim, nn.meta.unbox(boxed), total_steps)
-    abstract, state_sharding = state_lib.shardings(model, tx, example, mesh)
+    run = setup(config, mesh)
 
     teacher = None
     if config.teacher.init_from and config.loss.lambda_ > 0:
@@ -419,40 +463,24 @@ def train_and_evaluate(
     ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep)
     start = ckpt.latest_step()
     if start is not None:
-        target = checkpointing.abstract_with_shardings(abstract, state_sharding)
+        target = checkpointing.abstract_with_shardings(run.abstract, run.shardings)
         state = ckpt.restore(start, target, batches)
         _log.info("resumed from step %d", start)
     else:
         loaded = None
         if config.model.init_from:
-            loaded = load_init_params(config.model.init_from, abstract.params)
-
-        # Created inside jit even with loaded params: every leaf gets buffers of its own, which
-        # donation needs (an eager optimizer init may hand one array to two leaves).
-        def create(rng, loaded):
-            init_fn = None if loaded is None else (lambda _: loaded)
-            return state_lib.create(model, tx, rng, example, init_params_fn=init_fn)
-
-        state = jax.jit(create, out_shardings=state_sharding)(
-            jax.random.PRNGKey(config.seed), loaded
-        )
+            loaded = load_init_params(config.model.init_from, run.abstract.params)
+        state = run.init_state(config.seed, loaded)
         start = 0
 
-    train_step = make_train_step(
-        model=model,
-        tx=tx,
-        lr_fn=lr_fn,
-        config=config,
-        mesh=mesh,
-        state_sharding=state_sharding,
-        teacher=teacher,
-    )
+    train_step = run.train_step(config, mesh, teacher)
     writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     progress = metrics_writer.Progress(total_steps, start, batch_size)
     log_every = max(int(config.train.log_every), 1)
     max_bad = int(config.train.max_bad_steps)
     last: dict[str, Any] = {}
     pending = None  # (step, metrics on device): read one step late to keep dispatch ahead
+    last_eval: dict = {}
     preempted = False
 
     def drain(pending):
@@ -493,6 +521,15 @@ def train_and_evaluate(
                 pending = (step, metrics)
                 if step % config.train.ckpt_every == 0 or step == total_steps:
                     ckpt.save(step, state, batches, config_json)
+                due = [
+                    name
+                    for name, cfg in evals.items()
+                    if cfg["every"] and (step % cfg["every"] == 0 or step == total_steps)
+                ]
+                if due:
+                    last_eval = _run_evals(
+                        config, run.model, state.params, due, workdir, step, writer
+                    )
                 if preemption.check(step):
                     last, pending = drain(pending), None
                     if step not in ckpt.all_steps():
@@ -504,4 +541,21 @@ def train_and_evaluate(
     finally:
         ckpt.close()  # waits for saves in flight, also when a step raised
         writer.close()
-    return {**last, "step": int(_host(state.step)), "preempted": preempted}
+    return {**last, "step": int(_host(state.step)), "preempted": preempted, "eval": last_eval}
+
+
+def _run_evals(config, model, params, names, workdir, step, writer) -> dict:
+    """Evaluates the current params (gathered to every host; process 0 evaluates and writes)."""
+    from region_medclip.evaluators import run as evals_lib
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    else:
+        params = jax.device_get(params)
+    if jax.process_index() != 0:
+        return {}
+    results = evals_lib.evaluate(config, model, params, names)
+    _log.info("\n%s", evals_lib.write(workdir, step, results, writer.tensorboard))
+    return results

@@ -3,21 +3,19 @@
 python -m region_medclip.main --config=tests/micro_config.py:data_dir=/tmp/d --workdir=...
 """
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from configs import common
-from region_medclip import config_lib, optim, train
+from region_medclip import config_lib, train
 from region_medclip import sharding as sharding_lib
-from region_medclip import state as state_lib
 from region_medclip.data import pipeline
-from region_medclip.models import clip
 
 
 def get_config(arg: str | None = None):
-    """``arg``: ``data_dir=`` (where synth_cxr is built), ``steps=``, ``kind=`` global loss."""
-    args = config_lib.parse_arg(arg, data_dir="", steps=4, kind="softmax")
+    """``arg``: ``data_dir=`` (where synth_cxr is built), ``steps=``, ``kind=`` global loss,
+    ``evals`` (add every evaluator)."""
+    args = config_lib.parse_arg(arg, data_dir="", steps=4, kind="softmax", evals=False)
     c = common.base_config()
     c.model.image = dict(variant="mu/8", pool="cls")
     c.model.text = dict(kind="clip", variant="mu", vocab_size=1024, context_len=32)
@@ -44,6 +42,9 @@ def get_config(arg: str | None = None):
     c.train.log_every = 1
     c.train.ckpt_every = 2
     c.train.keep = 10
+    if args.evals:  # every evaluator on 12 test films
+        for kind in ("zero_shot", "retrieval", "regions", "grounding", "modality_gap"):
+            c.evals[kind] = dict(kind=kind, every=2, max_examples=12, batch_size=8, bootstrap=20)
     return c
 
 
@@ -53,31 +54,16 @@ def random_batch(c, seed=0) -> dict[str, np.ndarray]:
 
 
 def step_setup(c, devices=None):
-    """(mesh, model, tx, lr_fn, abstract state, state shardings, fresh state) for config ``c``."""
+    """(mesh, train.Setup, fresh state) for config ``c``."""
     mesh = sharding_lib.make_mesh(c.mesh, devices)
-    model = clip.from_config(c.model)
-    example = train._example(c)
-    boxed = jax.eval_shape(lambda: state_lib.init_params(model, jax.random.PRNGKey(0), example))
-    tx, lr_fn = optim.make_optimizer(c.optim, nn.meta.unbox(boxed), c.train.total_steps)
-    abstract, shardings = state_lib.shardings(model, tx, example, mesh)
-    state = jax.jit(lambda r: state_lib.create(model, tx, r, example), out_shardings=shardings)(
-        jax.random.PRNGKey(c.seed)
-    )
-    return mesh, model, tx, lr_fn, abstract, shardings, state
+    run = train.setup(c, mesh)
+    return mesh, run, run.init_state(c.seed)
 
 
 def run_steps(c, batches, devices=None, teacher=None):
     """Runs ``train_step`` on each (process-local) batch; returns (state, host metrics)."""
-    mesh, model, tx, lr_fn, _, shardings, state = step_setup(c, devices)
-    step = train.make_train_step(
-        model=model,
-        tx=tx,
-        lr_fn=lr_fn,
-        config=c,
-        mesh=mesh,
-        state_sharding=shardings,
-        teacher=teacher,
-    )
+    mesh, run, state = step_setup(c, devices)
+    step = run.train_step(c, mesh, teacher)
     teacher_params = teacher.params if teacher else {}
     history = []
     batch_sharding = sharding_lib.batch_sharding(mesh)

@@ -205,7 +205,8 @@ def test_grad_accum_averages_micro_batch_gradients():
     _, hist = micro_config.run_steps(c, [batch])
     # Reference: each micro-batch through the same loss on its own, averaged by hand.
     c.train.grad_accum, c.data.batch_size = 1, 8
-    mesh, model, _, _, _, _, state0 = micro_config.step_setup(c)
+    mesh, run, state0 = micro_config.step_setup(c)
+    model = run.model
 
     def loss(params, micro):
         out = train.forward(model, params, micro, c.loss)
@@ -224,14 +225,27 @@ def test_grad_accum_averages_micro_batch_gradients():
     np.testing.assert_allclose(hist[0]["grad_norm"], optax.tree.norm(mean_grads), rtol=1e-5)
 
 
+def test_bf16_compute_remat_and_bf16_moments():
+    c = micro_config.get_config()
+    c.model.update(dtype="bfloat16", remat=True)
+    c.optim.mu_dtype = "bfloat16"
+    state, hist = micro_config.run_steps(c, [micro_config.random_batch(c, s) for s in range(2)])
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in hist)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+    mu_dtypes = {
+        leaf.dtype
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+        if "mu" in jax.tree_util.keystr(path)
+    }
+    assert mu_dtypes == {jnp.dtype("bfloat16")}
+
+
 def test_nonfinite_batch_skips_update():
     c = micro_config.get_config()
     good, bad = micro_config.random_batch(c, 0), micro_config.random_batch(c, 1)
     bad["images"][3] = np.nan
-    mesh, model, tx, lr_fn, _, shardings, state = micro_config.step_setup(c)
-    step = train.make_train_step(
-        model=model, tx=tx, lr_fn=lr_fn, config=c, mesh=mesh, state_sharding=shardings
-    )
+    mesh, run, state = micro_config.step_setup(c)
+    step = run.train_step(c, mesh)
     state, _ = step(state, good, {})
     before = jax.device_get((state.params, state.opt_state))
     state, metrics = step(state, bad, {})
@@ -262,8 +276,10 @@ def test_train_two_steps_checkpoint_resume_two_more(data_dir, tmp_path):
     result = train.train_and_evaluate(config(data_dir, **{"train.total_steps": 2}), workdir)
     assert result["step"] == 2 and np.isfinite(result["loss"])
     assert checkpointing.Checkpointer(workdir, keep=3).latest_step() == 2
-    result = train.train_and_evaluate(config(data_dir, **{"train.total_steps": 4}), workdir)
+    c = config(data_dir, **{"train.total_steps": 4, "train.keep": 1})
+    result = train.train_and_evaluate(c, workdir)
     assert result["step"] == 4
+    assert checkpointing.Checkpointer(workdir, keep=1).all_steps() == [4]  # keep = 1
     rows = losses_by_step(workdir)
     assert sorted(rows) == [1, 2, 3, 4]
     for key in (
@@ -398,8 +414,8 @@ def test_checkpoint_from_8_devices_restores_on_4_and_1(data_dir, tmp_path):
     ckpt.wait()
     for devices, fsdp in ((4, 4), (4, 1), (1, 1)):
         c.mesh.fsdp = fsdp
-        _, _, _, _, abstract, shardings, _ = micro_config.step_setup(c, jax.devices()[:devices])
-        target = checkpointing.abstract_with_shardings(abstract, shardings)
+        run = train.setup(c, sharding_lib.make_mesh(c.mesh, jax.devices()[:devices]))
+        target = checkpointing.abstract_with_shardings(run.abstract, run.shardings)
         restored = ckpt.restore(1, target)
         leaf = restored.params["image_tower"]["proj"]["kernel"]
         assert len(leaf.sharding.device_set) == devices

@@ -53,7 +53,8 @@ def source(name: str, split: str, data_config) -> Any:
 
 
 class _CountingBatch(grain.IterDataset):
-    """Batches examples, dropping those marked ``_skip`` and counting them in the batch."""
+    """Batches examples, dropping those marked ``_skip`` and counting them in the batch; a
+    finite pass ends with a partial batch rather than losing its last examples."""
 
     def __init__(self, parent: grain.IterDataset, batch_size: int):
         super().__init__(parent)
@@ -71,7 +72,12 @@ class _CountingBatchIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         items, skipped = [], 0
         while len(items) < self._batch_size:
-            example = next(self._parent)
+            try:
+                example = next(self._parent)
+            except StopIteration:
+                if not items:  # an evaluation pass is over
+                    raise
+                break  # its last, partial batch (training repeats forever and never gets here)
             if "_skip" in example:
                 skipped += 1
                 continue

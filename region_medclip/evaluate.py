@@ -1,0 +1,36 @@
+"""Evaluates a checkpoint: ``python -m region_medclip.evaluate --config=FILE --workdir=DIR``.
+
+Runs every evaluator of ``config.evals`` on the latest checkpoint of ``DIR`` (or ``--step``) and
+writes ``DIR/eval/<step>.json``; prints a table.
+"""
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (FILE[:args]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
+def main(argv):
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from region_medclip import checkpointing, config_lib
+    from region_medclip.evaluators import run
+    from region_medclip.models import clip
+
+    config = _CONFIG.value
+    config_lib.validate(config)
+    if not config.evals:
+        raise app.UsageError("config.evals is empty: nothing to evaluate")
+    params, _, step = checkpointing.restore_params(_WORKDIR.value, step=_STEP.value)
+    model = clip.from_config(config.model)
+    results = run.evaluate(config, model, params)
+    print(run.write(_WORKDIR.value, step, results))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Evaluation metrics and evaluators (zero-shot, retrieval, regions, grounding, modality gap)."""

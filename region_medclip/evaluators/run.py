@@ -1,0 +1,178 @@
+"""Runs the evaluators named in ``config.evals`` on a model's params.
+
+``config.evals.<name> = dict(kind=..., every=..., split="test", max_examples=0, ...)`` with kind
+``zero_shot`` | ``retrieval`` | ``regions`` | ``grounding`` | ``modality_gap``. Evaluators on the
+same split share one embedding pass. Results go to ``workdir/eval/<step>.json`` (one file per
+step, all evaluators), TensorBoard (``eval/<name>/<metric>``) and a printed table.
+"""
+
+import json
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from region_medclip.data import tokenizers as tokenizers_lib
+from region_medclip.evaluators import embeddings as embeddings_lib
+from region_medclip.evaluators import grounding, modality_gap, regions, retrieval, zero_shot
+
+_log = logging.getLogger("region_medclip.evaluate")
+KINDS = ("zero_shot", "retrieval", "regions", "grounding", "modality_gap")
+DEFAULTS = dict(
+    every=0,
+    split="test",
+    max_examples=0,
+    batch_size=64,
+    prompts="templates",
+    bootstrap=1000,
+    threshold=0.5,
+)
+
+
+def eval_config(config, name: str) -> dict[str, Any]:
+    """``config.evals.<name>`` with defaults; an unknown kind or key is an error naming it."""
+    cfg = {**DEFAULTS, **dict(config.evals[name])}
+    if cfg["kind"] not in KINDS:
+        raise ValueError(f"config.evals.{name}.kind: {cfg['kind']!r} is not one of {KINDS}")
+    unknown = set(cfg) - set(DEFAULTS) - {"kind"}
+    if unknown:
+        raise ValueError(f"config.evals.{name}: unknown keys {sorted(unknown)}")
+    return cfg
+
+
+def class_names(dataset: str) -> list[str]:
+    """Label names of a dataset, in the order of its ``labels`` vectors."""
+    if dataset == "synth_cxr":
+        from region_medclip.data.synth import LABELS
+
+        return list(LABELS)
+    from region_medclip.data.formats import LABEL_NAMES
+
+    if dataset not in LABEL_NAMES:
+        raise ValueError(f"config.data.eval={dataset!r}: no label names for zero-shot evaluation")
+    return [n.lower() for n in LABEL_NAMES[dataset]]
+
+
+def patch_grid(model, config) -> int:
+    """Side of the image tower's patch grid at ``config.data.image_size``."""
+    size = config.data.image_size
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+
+    def patches(module, x):
+        return module.encode_image(x)[1]
+
+    shapes = jax.eval_shape(
+        lambda: model.init_with_output(
+            jax.random.PRNGKey(0),
+            jnp.zeros(images.shape),
+            method=patches,
+        )[0]
+    )
+    return int(shapes.shape[1])
+
+
+def grounding_metrics(emb: dict[str, np.ndarray], grid: int, threshold: float) -> dict[str, float]:
+    """Each valid ROI's caption as the phrase: heatmap of its similarity to every patch cell,
+    upsampled to the image; CNR, pointing game and IoU of the thresholded map with the box."""
+    size = emb["images"].shape[1]
+    scores = {"cnr": [], "pointing_game": [], f"miou@{threshold}": []}
+    for i, r in zip(*np.nonzero(emb["roi_mask"]), strict=True):
+        heat = (emb["zpatch"][i] @ emb["zcap"][i, r]).reshape(grid, grid)
+        heat = grounding.upsample(heat, size, size)
+        mask = grounding.boxes_mask(emb["boxes"][i, r][None] * size, size, size)
+        if not mask.any() or mask.all():
+            continue
+        scores["cnr"].append(grounding.cnr(heat, mask))
+        scores["pointing_game"].append(grounding.pointing_game(heat, mask))
+        scores[f"miou@{threshold}"].append(grounding.iou_at_threshold(heat, mask, threshold))
+    out = {k: float(np.nanmean(v)) if v else float("nan") for k, v in scores.items()}
+    out["phrases"] = float(len(scores["cnr"]))
+    return out
+
+
+def evaluate(config, model, params, names: list[str] | None = None) -> dict[str, dict]:
+    """Runs the evaluators ``names`` (default: all of ``config.evals``); returns their metrics."""
+    names = list(config.evals) if names is None else names
+    if not names:
+        return {}
+    tokenizer = tokenizers_lib.from_config(config.data)
+    grid = patch_grid(model, config)
+    cache: dict[tuple, dict] = {}
+    results = {}
+    for name in names:
+        cfg = eval_config(config, name)
+        key = (cfg["split"], cfg["max_examples"], cfg["batch_size"])
+        if key not in cache:
+            cache[key] = embeddings_lib.embed_split(
+                model,
+                params,
+                config.data,
+                split=cfg["split"],
+                batch_size=cfg["batch_size"],
+                grid=grid,
+                max_examples=cfg["max_examples"],
+            )
+        emb = cache[key]
+        kind = cfg["kind"]
+        if kind == "zero_shot":
+            length = config.data.get("caption_len", 0) or config.data.text_len
+            encode = embeddings_lib.text_encoder(model, params, tokenizer, length)
+            out = zero_shot.evaluate(
+                zimg=emb["zimg"],
+                labels=emb["labels"],
+                class_names=class_names(config.data.eval),
+                encode=encode,
+                logit_scale=float(emb["logit_scale"]),
+                prompts=cfg["prompts"],
+                bootstrap=cfg["bootstrap"],
+            )
+        elif kind == "retrieval":
+            # Reports with the same text (e.g. normal studies) are all correct matches.
+            same_text = emb["ztxt"] @ emb["ztxt"].T > 1 - 1e-6
+            out = retrieval.retrieval_metrics(emb["zimg"], emb["ztxt"], same_text)
+        elif kind == "regions":
+            out = regions.split_retrieval(emb["zroi"], emb["zcap"], emb["roi_mask"], emb["cap_ids"])
+            out["within_image_top1"] = regions.within_image_top1(
+                emb["zroi"], emb["zcap"], emb["roi_mask"]
+            )
+            out["within_image_top1_multi"] = regions.within_image_top1_multi(
+                emb["zroi"], emb["zcap"], emb["roi_mask"]
+            )
+        elif kind == "grounding":
+            out = grounding_metrics(emb, grid, cfg["threshold"])
+        else:
+            out = {"gap": modality_gap.modality_gap(emb["zimg"], emb["ztxt"])}
+        out["examples"] = float(len(emb["zimg"]))
+        results[name] = out
+    return results
+
+
+def write(workdir: str, step: int, results: dict[str, dict], tb=None) -> str:
+    """Writes ``workdir/eval/<step>.json`` (and TensorBoard scalars); returns the table text."""
+    path = epath.Path(workdir) / "eval"
+    path.mkdir(parents=True, exist_ok=True)
+    clean = {
+        name: {k: (v if np.isfinite(v) else None) for k, v in out.items()}
+        for name, out in results.items()
+    }
+    (path / f"{step}.json").write_text(json.dumps({"step": step, **clean}, indent=2))
+    if tb is not None:
+        for name, out in clean.items():
+            for key, value in out.items():
+                if value is not None:
+                    tb.add_scalar(f"eval/{name}/{key}", value, step)
+    return table(step, results)
+
+
+def table(step: int, results: dict[str, dict]) -> str:
+    """A plain-text table of the headline numbers (bootstrap bounds and per-class rows left out)."""
+    lines = [f"evaluation at step {step}", f"{'evaluator':<14}{'metric':<28}{'value':>10}"]
+    for name, out in results.items():
+        for key, value in out.items():
+            if "/ci_" in key or key.startswith("auroc/"):
+                continue
+            lines.append(f"{name:<14}{key:<28}{value:>10.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""Evaluation metrics on hand-computed cases (and AUROC against scikit-learn)."""
+
+import numpy as np
+import pytest
+
+from region_medclip.evaluators import common, grounding, modality_gap, regions, retrieval
+
+
+def test_auroc_hand_cases():
+    assert common.auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert common.auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    # Pairs (pos, neg): (0.8 > 0.1), (0.8 > 0.5), (0.4 > 0.1), (0.4 < 0.5) → 3/4.
+    assert common.auroc([0.1, 0.5, 0.4, 0.8], [0, 0, 1, 1]) == 0.75
+    # A tie between a positive and a negative counts one half: (1 + 0.5) / 2.
+    assert common.auroc([0.3, 0.5, 0.5], [0, 0, 1]) == 0.75
+    assert np.isnan(common.auroc([0.1, 0.2], [1, 1]))
+    # Uncertain labels (−1) are left out.
+    assert common.auroc([0.1, 0.9, 0.0], [0, 1, -1]) == 1.0
+
+
+def test_auroc_matches_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n = int(rng.integers(5, 200))
+        labels = rng.integers(0, 2, n)
+        labels[:2] = [0, 1]
+        scores = np.round(rng.normal(size=n) + labels * trial / 10, 1)  # rounding makes ties
+        assert common.auroc(scores, labels) == pytest.approx(
+            metrics.roc_auc_score(labels, scores), abs=1e-12
+        )
+
+
+def test_macro_auroc_skips_one_sided_classes():
+    scores = np.array([[0.1, 0.9, 0.3], [0.9, 0.1, 0.4], [0.2, 0.8, 0.5]])
+    labels = np.array([[0, 1, 1], [1, 0, 1], [0, 1, 1]])
+    per_class = common.per_class_auroc(scores, labels)
+    np.testing.assert_array_equal(per_class[:2], [1.0, 1.0])
+    assert np.isnan(per_class[2])
+    assert common.macro_auroc(scores, labels) == 1.0
+
+
+def test_bootstrap_ci_brackets_the_estimate_and_narrows():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 400)
+    scores = labels + rng.normal(size=400)
+    estimate = common.auroc(scores, labels)
+    low, high = common.bootstrap_ci(common.auroc, scores, labels, num_samples=300)
+    assert low < estimate < high and high - low < 0.15
+    low_small, high_small = common.bootstrap_ci(
+        common.auroc, scores[:60], labels[:60], num_samples=300
+    )
+    assert high_small - low_small > high - low
+    # Perfect separation: every resample is 1.
+    assert common.bootstrap_ci(common.auroc, np.array([0.0, 1.0] * 5), np.array([0, 1] * 5)) == (
+        1.0,
+        1.0,
+    )
+
+
+def test_top_k_and_f1():
+    logits = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+    targets = np.array([1, 1, 0])
+    assert common.top_k_accuracy(logits, targets, 1) == pytest.approx(1 / 3)
+    assert common.top_k_accuracy(logits, targets, 2) == pytest.approx(2 / 3)
+    assert common.top_k_accuracy(logits, targets, 3) == 1.0
+    # predictions [1, 0, 2] vs targets [1, 1, 0]: F1 class0 = 0, class1 = 2/3, class2 = 0.
+    assert common.macro_f1(np.array([1, 0, 2]), targets, 3) == pytest.approx((0 + 2 / 3 + 0) / 3)
+    probs = np.array([[0.9, 0.2], [0.6, 0.7], [0.1, 0.8]])
+    labels = np.array([[1, 0], [0, 1], [0, -1]])
+    # class 0: tp 1, fp 1 → F1 2/3; class 1 (third row uncertain, left out): tp 1 → 1.
+    assert common.multilabel_f1(probs, labels) == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_retrieval_ranks_and_recall():
+    sim = np.array([[0.9, 0.1, 0.5], [0.8, 0.7, 0.1], [0.3, 0.6, 0.2]])
+    ranks = retrieval.ranks_of_positives(sim)
+    np.testing.assert_array_equal(ranks, [1, 2, 3])
+    assert retrieval.recall_at_k(ranks, (1, 2)) == {1: 1 / 3, 2: 2 / 3}
+    # A tie with a negative is not counted in the model's favour.
+    np.testing.assert_array_equal(retrieval.ranks_of_positives(np.array([[0.5, 0.5]])), [2])
+    # Extra positives: query 2's best positive is column 1 (0.6) → rank 1.
+    pos = np.eye(3, dtype=bool)
+    pos[2, 1] = True
+    np.testing.assert_array_equal(retrieval.ranks_of_positives(sim, pos), [1, 2, 1])
+
+
+def test_retrieval_metrics_both_directions():
+    z = np.eye(4)
+    m = retrieval.retrieval_metrics(z, z, ks=(1,))
+    assert m == {"i2t/R@1": 1.0, "i2t/median_rank": 1.0, "t2i/R@1": 1.0, "t2i/median_rank": 1.0}
+    # Texts shifted by one: image i matches text i + 1 best; the true one ranks last.
+    shifted = np.roll(z, 1, axis=0)
+    m = retrieval.retrieval_metrics(z, shifted, ks=(1, 4))
+    assert m["i2t/R@1"] == 0.0 and m["i2t/R@4"] == 1.0
+
+
+def test_region_matching():
+    e = np.eye(3)
+    zroi = np.stack([e, e])  # [2 images, 3 ROIs, D = 3]
+    zcap = np.stack([e, e[[1, 0, 2]]])  # image 1's first two captions swapped
+    mask = np.array([[True, True, False], [True, True, True]])
+    # image 0: 2 of 2 right; image 1: ROI 2 right, ROIs 0 and 1 wrong → 3 / 5.
+    assert regions.within_image_top1(zroi, zcap, mask) == pytest.approx(3 / 5)
+    out = regions.split_retrieval(zroi, zcap, mask)
+    # Across the split each ROI direction e_k matches several identical captions; ties count
+    # against the model, so only ranks are checked to be ≥ 1 and R@10 = 1.
+    assert out["r2c/R@10"] == 1.0 and out["r2c/top1"] == out["r2c/R@1"]
+    # With caption ids saying which captions are the same text, duplicates are hits.
+    ids = np.array([[0, 1, -1], [1, 0, 2]])
+    out = regions.split_retrieval(zroi, zcap, mask, cap_ids=ids)
+    assert out["r2c/R@1"] < 1.0  # image 1's swapped captions still miss
+
+
+def test_grounding_metrics():
+    mask = grounding.boxes_mask(np.array([[1, 1, 3, 3]]), 4, 4)
+    assert mask.sum() == 4 and mask[1:3, 1:3].all()
+    heat = np.zeros((4, 4))
+    heat[1:3, 1:3] = [[1.0, 3.0], [1.0, 3.0]]
+    # inside: [1, 3, 1, 3] mean 2 var 1; outside: zeros mean 0 var 0 → CNR 2.
+    assert grounding.cnr(heat, mask) == pytest.approx(2.0)
+    assert grounding.pointing_game(heat, mask) == 1.0
+    assert grounding.pointing_game(-heat, mask) == 0.0
+    # Normalised ≥ 0.5: the two 3.0 pixels → IoU 2 / 4.
+    assert grounding.iou_at_threshold(heat, mask, 0.5) == pytest.approx(0.5)
+    assert grounding.iou_at_threshold(heat, mask, 0.2) == pytest.approx(1.0)
+
+
+def test_upsample_is_bilinear_and_keeps_constants():
+    np.testing.assert_allclose(grounding.upsample(np.full((2, 2), 3.0), 8, 8), 3.0)
+    up = grounding.upsample(np.array([[0.0, 1.0]]), 1, 4)
+    np.testing.assert_allclose(up, [[0.0, 0.25, 0.75, 1.0]])
+
+
+def test_modality_gap():
+    zimg = np.array([[1.0, 0.0], [1.0, 0.0]])
+    ztxt = np.array([[0.0, 1.0], [0.0, 1.0]])
+    assert modality_gap.modality_gap(zimg, ztxt) == pytest.approx(np.sqrt(2))
+    assert modality_gap.modality_gap(zimg, zimg) == 0.0
+
+
+def test_grounding_on_an_oracle_heatmap():
+    from region_medclip.evaluators import run
+
+    e = np.eye(4)
+    emb = dict(
+        images=np.zeros((1, 8, 8)),
+        zpatch=e[None],  # 2 × 2 cells, cell k has embedding e_k
+        zcap=e[None, [0, 3]],  # ROI 0 described like cell 0 (top-left), ROI 1 like cell 3
+        boxes=np.array([[[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]]),
+        roi_mask=np.array([[True, True]]),
+    )
+    out = run.grounding_metrics(emb, grid=2, threshold=0.5)
+    assert out["pointing_game"] == 1.0 and out["phrases"] == 2
+    assert out["cnr"] > 1.0 and out["miou@0.5"] > 0.5
+    emb["zcap"] = e[None, [3, 0]]  # phrases swapped: both point to the other corner
+    out = run.grounding_metrics(emb, grid=2, threshold=0.5)
+    assert out["pointing_game"] == 0.0 and out["cnr"] < 0
+
+
+def test_zero_shot_with_an_oracle_text_encoder():
+    """Images that point at their finding's prompt direction get AUROC 1 and top-1 1."""
+    from region_medclip.evaluators import zero_shot
+
+    names = ["no finding", "nodule", "mass"]
+    directions = {"no finding": 0, "nodule": 1, "mass": 2}
+
+    def encode(texts):
+        out = np.zeros((len(texts), 4))
+        for i, t in enumerate(texts):
+            negated = t.lower().startswith(("no ", "there is no", "findings: no", "impression: no"))
+            name = next((n for n in names[1:] if n in t), "no finding")
+            out[i, 3 if negated and name != "no finding" else directions[name]] = 1.0
+        return out
+
+    labels = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 0]], np.float32)
+    zimg = np.array([[1, 0, 0, 0.5], [0, 1, 0, 0.5], [0, 0, 1, 0.5], [0, 1, 0, 0.5]])
+    zimg /= np.linalg.norm(zimg, axis=1, keepdims=True)
+    out = zero_shot.evaluate(
+        zimg=zimg, labels=labels, class_names=names, encode=encode, logit_scale=10.0, bootstrap=50
+    )
+    assert out["auroc/nodule"] == 1.0 and out["auroc/mass"] == 1.0 and out["macro_auroc"] == 1.0
+    assert "auroc/no finding" not in out
+    assert out["top1"] == 1.0 and out["macro_f1"] == 1.0
+
+
+def test_evaluators_run_in_training_and_from_the_command_line(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import micro_config
+
+    from region_medclip import train
+    from region_medclip.data.builders import synth_cxr
+
+    data_dir = str(tmp_path / "tfds")
+    synth_cxr.ensure_built(data_dir, size=32, num=160, seed=0)
+    c = micro_config.get_config(f"data_dir={data_dir},steps=2,evals")
+    kinds = ("zero_shot", "retrieval", "regions", "grounding", "modality_gap")
+    workdir = tmp_path / "run"
+    result = train.train_and_evaluate(c, str(workdir))
+    saved = json.loads((workdir / "eval" / "2.json").read_text())
+    assert saved["step"] == 2 and set(kinds) <= set(saved)
+    # The 32 px test split holds 9 films: a full batch of 8 and a padded one of 1.
+    assert saved["retrieval"]["examples"] == 9 and 1 <= saved["retrieval"]["i2t/median_rank"]
+    assert 0 <= saved["zero_shot"]["macro_auroc"] <= 1
+    assert 0 <= saved["regions"]["within_image_top1"] <= 1
+    assert 0 <= saved["grounding"]["pointing_game"] <= 1
+    assert 0 <= saved["modality_gap"]["gap"] <= 2
+    assert result["eval"]["retrieval"]["i2t/R@10"] == saved["retrieval"]["i2t/R@10"]
+    # The CLI on the same checkpoint reproduces the numbers.
+    (workdir / "eval" / "2.json").unlink()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    evals_arg = f"data_dir={data_dir},steps=2,evals"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "region_medclip.evaluate",
+            f"--config={os.path.join(root, 'tests', 'micro_config.py')}:{evals_arg}",
+            f"--workdir={workdir}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluation at step 2" in proc.stdout
+    again = json.loads((workdir / "eval" / "2.json").read_text())
+    assert again["retrieval"] == saved["retrieval"]
+    assert again["regions"] == saved["regions"]
