@@ -1,3 +1,11 @@
 """region-medclip: region-aware contrastive image-text pretraining for medical images."""
 
 __version__ = "0.1.0"
+
+
+def load(path: str, step: int | None = None):
+    """A trained model from a workdir: ``encode_image``, ``encode_text``, ``zero_shot``,
+    ``ground`` (see :mod:`region_medclip.api`)."""
+    from region_medclip import api
+
+    return api.load(path, step)

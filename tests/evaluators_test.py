@@ -232,3 +232,63 @@ def test_evaluators_run_in_training_and_from_the_command_line(tmp_path):
     again = json.loads((workdir / "eval" / "2.json").read_text())
     assert again["retrieval"] == saved["retrieval"]
     assert again["regions"] == saved["regions"]
+
+
+def test_load_api_and_predict_cli(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import micro_config
+    from PIL import Image
+
+    import region_medclip
+    from region_medclip import train
+    from region_medclip.data import synth
+    from region_medclip.data.builders import synth_cxr
+
+    data_dir = str(tmp_path / "tfds")
+    synth_cxr.ensure_built(data_dir, size=32, num=160, seed=0)
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(micro_config.get_config(f"data_dir={data_dir},steps=2"), workdir)
+    model = region_medclip.load(workdir)
+    record = synth.render_record(0, size=48)  # another size: preprocess resizes
+    x = model.preprocess(record["image"])
+    assert x.shape == (1, 32, 32, 3) and x.dtype == np.float32
+    z = model.encode_image(x)
+    assert z.shape == (1, 32) and np.allclose(np.linalg.norm(z, axis=1), 1, atol=1e-5)
+    t = model.encode_text(["no finding", record["report"]])
+    assert t.shape == (2, 32) and np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    ids = model.tokenizer(["no finding"], 32)
+    np.testing.assert_allclose(model.encode_text(ids), t[:1], atol=1e-6)  # batch of 1 vs 2
+    probs = model.zero_shot(np.stack([record["image"]] * 2), ["nodule", "pleural effusion"])
+    assert probs.shape == (2, 2) and ((probs > 0) & (probs < 1)).all()
+    heat = model.ground(record["image"], "nodule in the right upper zone")
+    assert heat.shape == (32, 32) and np.isfinite(heat).all()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        region_medclip.load(str(tmp_path / "empty"))
+
+    png = tmp_path / "x.png"
+    Image.fromarray(record["image"]).save(png)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "heat.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "region_medclip.predict",
+            f"--workdir={workdir}",
+            f"--image={png}",
+            "--labels=nodule,pleural effusion",
+            "--phrase=nodule in the right upper zone",
+            f"--out={out}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith(("nodule", "pl"))]
+    assert len(lines) == 2 and all(0 < float(line[-1]) < 1 for line in lines)
+    assert Image.open(out).size == (32, 32)
