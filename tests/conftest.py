@@ -7,16 +7,28 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Training tests compile the same small steps again and again, also in the subprocesses they
-# start (which inherit this environment): a persistent compilation cache shares the work.
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR",
-    os.path.join(__import__("tempfile").gettempdir(), "region_medclip_test_jax_cache"),
-)
+# start (which inherit this environment): a persistent compilation cache shares the work. It is
+# private to this test session (JAX writes entries without locking, so a reader must never meet
+# another run's half-written file); tests whose processes run concurrently or get killed leave
+# it out (see `without_compilation_cache`).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = __import__("tempfile").mkdtemp(prefix="region_medclip_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+else:
+    _OWN_CACHE = None
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import importlib  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def without_compilation_cache(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a subprocess that must not touch the shared compilation cache."""
+    env = dict(env)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+    return env
 
 
 def require_peer(module_name: str):
@@ -33,6 +45,11 @@ def require_peer(module_name: str):
                 f"parity peer {module_name!r} is missing in CI: install the [parity] extra"
             ) from err
         pytest.skip(f"{module_name} not installed (install the [parity] extra)")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        __import__("shutil").rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):

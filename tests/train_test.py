@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+import conftest
 from region_medclip import checkpointing, metrics_writer, optim, train
 from region_medclip import sharding as sharding_lib
 
@@ -54,8 +55,8 @@ def run_main(workdir, data_dir, *flags, devices=8, timeout=300, **popen):
         f"--workdir={workdir}",
         *flags,
     ]
-    if popen:
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, **popen)
+    if popen:  # runs beside the tests and may be killed: no shared cache
+        return subprocess.Popen(cmd, env=conftest.without_compilation_cache(env), cwd=ROOT, **popen)
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -502,7 +503,8 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "losses.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # Two processes compiling the same programs at once: no shared cache.
+    env = conftest.without_compilation_cache(dict(os.environ, JAX_PLATFORMS="cpu"))
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     worker = os.path.join(ROOT, "tests", "multihost_worker.py")
     procs = [
