@@ -60,20 +60,20 @@ def concept_embeddings(model, params, tokens: jax.Array) -> jax.Array:
 
 
 def forward(model, params, batch, loss_config) -> dict[str, jax.Array]:
-    """Model outputs ``total_loss`` needs. Caption and negative towers run only when their loss
-    weights are non-zero; both go through the text tower in one call."""
+    """Model outputs ``total_loss`` needs: ``zimg, ztxt [n, D]``, ``zroi [n, R, D]``, ``zcap
+    [n, R, D]`` (β or γ > 0), ``zneg [n, R, K, D]`` (γ > 0), ``logit_scale``, ``logit_bias``, from
+    ``images [n, S, S, 3]``, ``texts [n, L]``, ``boxes [n, R, 4]``, ``roi_mask [n, R]``,
+    ``captions [n, R, Lc]`` and ``negatives [n, R, K, Lc]``. Captions and negatives go through
+    the text tower in one call."""
     out = model.apply(
         {"params": params}, batch["images"], batch["texts"], batch["boxes"], batch["roi_mask"]
     )
     out.pop("patch_tokens")
     if loss_config.beta > 0 or loss_config.gamma > 0:
-        n, r, lc = batch["captions"].shape
         if loss_config.gamma > 0:
-            k = batch["negatives"].shape[2]
             tokens = jnp.concatenate([batch["captions"][:, :, None], batch["negatives"]], axis=2)
             z = _apply(model, params, clip.RegionCLIP.encode_text, tokens)  # [n, R, 1 + K, D]
             out["zcap"], out["zneg"] = z[:, :, 0], z[:, :, 1:]
-            assert out["zneg"].shape[2] == k
         else:
             out["zcap"] = _apply(model, params, clip.RegionCLIP.encode_text, batch["captions"])
     return out
