@@ -1,7 +1,8 @@
 """Evaluates a checkpoint: ``python -m region_medclip.evaluate --config=FILE --workdir=DIR``.
 
 Runs every evaluator of ``config.evals`` on the latest checkpoint of ``DIR`` (or ``--step``) and
-writes ``DIR/eval/<step>.json``; prints a table.
+writes ``DIR/eval/<step>.json`` and the plots ``DIR/plots/<step>/<evaluator>.png``; prints a
+table.
 """
 
 import logging
@@ -27,7 +28,8 @@ def main(argv):
         raise app.UsageError("config.evals is empty: nothing to evaluate")
     params, _, step = checkpointing.restore_params(_WORKDIR.value, step=_STEP.value)
     model = clip.from_config(config.model)
-    results = run.evaluate(config, model, params)
+    plot_dir = f"{_WORKDIR.value}/plots/{step}"
+    results = run.evaluate(config, model, params, plot_dir=plot_dir)
     print(run.write(_WORKDIR.value, step, results))
 
 

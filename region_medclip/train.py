@@ -556,6 +556,7 @@ def _run_evals(config, model, params, names, workdir, step, writer) -> dict:
         params = jax.device_get(params)
     if jax.process_index() != 0:
         return {}
-    results = evals_lib.evaluate(config, model, params, names)
+    plot_dir = str(epath.Path(workdir) / "plots" / str(step))
+    results = evals_lib.evaluate(config, model, params, names, plot_dir=plot_dir)
     _log.info("\n%s", evals_lib.write(workdir, step, results, writer.tensorboard))
     return results

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from region_medclip.evaluators import common, grounding, modality_gap, regions, retrieval
+from region_medclip.evaluators import common, grounding, modality_gap, plots, regions, retrieval
 
 
 def test_auroc_hand_cases():
@@ -210,6 +211,9 @@ def test_evaluators_run_in_training_and_from_the_command_line(tmp_path):
     assert 0 <= saved["grounding"]["pointing_game"] <= 1
     assert 0 <= saved["modality_gap"]["gap"] <= 2
     assert result["eval"]["retrieval"]["i2t/R@10"] == saved["retrieval"]["i2t/R@10"]
+    for kind in kinds:  # one PNG per evaluator, readable as an image
+        with Image.open(workdir / "plots" / "2" / f"{kind}.png") as image:
+            assert image.format == "PNG" and min(image.size) > 100
     # The CLI on the same checkpoint reproduces the numbers.
     (workdir / "eval" / "2.json").unlink()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -292,3 +296,46 @@ def test_load_api_and_predict_cli(tmp_path):
     lines = [line.split() for line in proc.stdout.splitlines() if line.startswith(("nodule", "pl"))]
     assert len(lines) == 2 and all(0 < float(line[-1]) < 1 for line in lines)
     assert Image.open(out).size == (32, 32)
+
+
+def test_roc_curve_matches_sklearn_and_integrates_to_auroc():
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.normal(size=300), 1)  # rounded: many ties
+    labels = (rng.random(300) < 0.3).astype(int)
+    labels[:5] = -1  # uncertain: left out, as in auroc
+    fpr, tpr = plots.roc_curve(scores, labels)
+    keep = labels >= 0
+    sk_fpr, sk_tpr, _ = sk_roc_curve(labels[keep], scores[keep], drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert area == pytest.approx(common.auroc(scores, labels), abs=1e-12)
+
+
+def test_pca_2d_finds_the_main_axes():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 5)) * np.array([10.0, 3.0, 0.1, 0.1, 0.1])
+    projected, ratio = plots.pca_2d(x)
+    assert projected.shape == (500, 2)
+    # The first two components are the two stretched input axes, up to sign.
+    np.testing.assert_allclose(np.abs(projected[:, 0]), np.abs(x[:, 0] - x[:, 0].mean()), atol=0.2)
+    assert ratio[0] > 0.85 and ratio[1] > 0.05
+
+
+def test_plots_write_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    probs, labels = rng.random((40, 3)), (rng.random((40, 3)) < 0.5).astype(float)
+    plots.plot_roc(probs, labels, ["a", "b", "c"], str(tmp_path / "roc.png"))
+    plots.plot_recall({"x": rng.integers(1, 40, 40)}, str(tmp_path / "recall.png"))
+    heat = rng.random((2, 32, 32))
+    boxes = np.array([[2, 2, 10, 12], [5, 5, 30, 30]], float)
+    plots.plot_grounding(heat, heat, boxes, ["p", "q"], str(tmp_path / "ground.png"))
+    z = rng.normal(size=(20, 8))
+    plots.plot_pca(
+        z / np.linalg.norm(z, axis=1, keepdims=True), z[::-1] / 4, str(tmp_path / "p.png")
+    )
+    for name in ("roc", "recall", "ground", "p"):
+        with Image.open(tmp_path / f"{name}.png") as image:
+            assert image.format == "PNG"

@@ -17,12 +17,19 @@ from etils import epath
 
 from region_medclip.data import tokenizers as tokenizers_lib
 from region_medclip.evaluators import embeddings as embeddings_lib
-from region_medclip.evaluators import grounding, modality_gap, regions, retrieval, zero_shot
+from region_medclip.evaluators import (
+    grounding,
+    modality_gap,
+    plots,
+    regions,
+    retrieval,
+    zero_shot,
+)
 
 _log = logging.getLogger("region_medclip.evaluate")
 KINDS = ("zero_shot", "retrieval", "regions", "grounding", "modality_gap")
 DEFAULTS = dict(
-    every=0,
+    every=None,  # None: config.train.eval_every; 0: only from `python -m region_medclip.evaluate`
     split="test",
     max_examples=0,
     batch_size=64,
@@ -35,6 +42,8 @@ DEFAULTS = dict(
 def eval_config(config, name: str) -> dict[str, Any]:
     """``config.evals.<name>`` with defaults; an unknown kind or key is an error naming it."""
     cfg = {**DEFAULTS, **dict(config.evals[name])}
+    if cfg["every"] is None:
+        cfg["every"] = int(config.train.eval_every)
     if cfg["kind"] not in KINDS:
         raise ValueError(f"config.evals.{name}.kind: {cfg['kind']!r} is not one of {KINDS}")
     unknown = set(cfg) - set(DEFAULTS) - {"kind"}
@@ -93,12 +102,20 @@ def grounding_metrics(emb: dict[str, np.ndarray], grid: int, threshold: float) -
     return out
 
 
-def evaluate(config, model, params, names: list[str] | None = None) -> dict[str, dict]:
-    """Runs the evaluators ``names`` (default: all of ``config.evals``); returns their metrics."""
+def evaluate(
+    config, model, params, names: list[str] | None = None, plot_dir: str | None = None
+) -> dict[str, dict]:
+    """Runs the evaluators ``names`` (default: all of ``config.evals``); returns their metrics.
+    With ``plot_dir``, each evaluator also saves its plot there as ``<name>.png``."""
     names = list(config.evals) if names is None else names
     if not names:
         return {}
     tokenizer = tokenizers_lib.from_config(config.data)
+    length = config.data.get("caption_len", 0) or config.data.text_len
+
+    def encode_fn():
+        return embeddings_lib.text_encoder(model, params, tokenizer, length)
+
     grid = patch_grid(model, config)
     cache: dict[tuple, dict] = {}
     results = {}
@@ -118,13 +135,11 @@ def evaluate(config, model, params, names: list[str] | None = None) -> dict[str,
         emb = cache[key]
         kind = cfg["kind"]
         if kind == "zero_shot":
-            length = config.data.get("caption_len", 0) or config.data.text_len
-            encode = embeddings_lib.text_encoder(model, params, tokenizer, length)
             out = zero_shot.evaluate(
                 zimg=emb["zimg"],
                 labels=emb["labels"],
                 class_names=class_names(config.data.eval),
-                encode=encode,
+                encode=encode_fn(),
                 logit_scale=float(emb["logit_scale"]),
                 prompts=cfg["prompts"],
                 bootstrap=cfg["bootstrap"],
@@ -147,7 +162,65 @@ def evaluate(config, model, params, names: list[str] | None = None) -> dict[str,
             out = {"gap": modality_gap.modality_gap(emb["zimg"], emb["ztxt"])}
         out["examples"] = float(len(emb["zimg"]))
         results[name] = out
+        if plot_dir is not None:
+            epath.Path(plot_dir).mkdir(parents=True, exist_ok=True)
+            path = str(epath.Path(plot_dir) / f"{name}.png")
+            plot(kind, emb, path, config=config, cfg=cfg, grid=grid, encode=encode_fn())
     return results
+
+
+def plot(kind: str, emb: dict[str, np.ndarray], path: str, *, config, cfg, grid, encode) -> None:
+    """Saves the plot of evaluator ``kind`` on the embedded split ``emb`` to ``path`` (PNG)."""
+    if kind == "zero_shot":
+        names = class_names(config.data.eval)
+        probs, findings, _ = zero_shot.finding_probabilities(
+            zimg=emb["zimg"],
+            class_names=names,
+            encode=encode,
+            logit_scale=float(emb["logit_scale"]),
+            prompts=cfg["prompts"],
+        )
+        plots.plot_roc(probs, emb["labels"][:, findings], [names[c] for c in findings], path)
+    elif kind == "retrieval":
+        same_text = emb["ztxt"] @ emb["ztxt"].T > 1 - 1e-6
+        similarity = emb["zimg"] @ emb["ztxt"].T
+        ranks = {
+            "image→report": retrieval.ranks_of_positives(similarity, same_text),
+            "report→image": retrieval.ranks_of_positives(similarity.T, same_text.T),
+        }
+        plots.plot_recall(ranks, path, title=f"retrieval, {len(similarity)} {cfg['split']} pairs")
+    elif kind == "regions":
+        valid = emb["roi_mask"].astype(bool)
+        zroi, zcap = emb["zroi"][valid], emb["zcap"][valid]
+        ids = emb["cap_ids"][valid]
+        positives = ids[:, None] == ids[None, :]  # the same caption text elsewhere also counts
+        similarity = zroi @ zcap.T
+        ranks = {
+            "region→caption": retrieval.ranks_of_positives(similarity, positives),
+            "caption→region": retrieval.ranks_of_positives(similarity.T, positives.T),
+        }
+        plots.plot_recall(ranks, path, title=f"region matching, {len(zroi)} regions")
+    elif kind == "grounding":
+        _plot_grounding(emb, grid, path, tokenizers_lib.from_config(config.data))
+    else:
+        plots.plot_pca(emb["zimg"], emb["ztxt"], path)
+
+
+def _plot_grounding(emb, grid: int, path: str, tokenizer, count: int = 8) -> None:
+    size = emb["images"].shape[1]
+    picks = list(zip(*np.nonzero(emb["roi_mask"]), strict=True))[:count]
+    images, heats, boxes = [], [], []
+    for i, r in picks:
+        heat = (emb["zpatch"][i] @ emb["zcap"][i, r]).reshape(grid, grid)
+        images.append(emb["images"][i])
+        heats.append(grounding.upsample(heat, size, size))
+        boxes.append(emb["boxes"][i, r] * size)
+    specials = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}
+    titles = [
+        tokenizer.tokenizer.decode([int(t) for t in emb["captions"][i, r] if t not in specials])
+        for i, r in picks
+    ]
+    plots.plot_grounding(np.stack(images), np.stack(heats), np.stack(boxes), titles, path)
 
 
 def write(workdir: str, step: int, results: dict[str, dict], tb=None) -> str:

@@ -62,6 +62,21 @@ def positive_probability(zimg, zpos, zneg, logit_scale: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(neg - pos))
 
 
+def finding_probabilities(
+    *, zimg: np.ndarray, class_names: list[str], encode, logit_scale: float, prompts: str
+) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """``p(finding | image)`` for the finding classes (names not starting with "no ").
+
+    Returns ``(probs [N, F], finding class indices [F], class embeddings [C, D])``.
+    """
+    make = combinatorial_prompts if prompts == "combinatorial" else template_prompts
+    zcls = class_embeddings(encode, make(class_names))
+    findings = [c for c, name in enumerate(class_names) if not name.startswith("no ")]
+    names = [class_names[c] for c in findings]
+    zneg = class_embeddings(encode, template_prompts(names, NEGATIVE_TEMPLATES))
+    return positive_probability(zimg, zcls[findings], zneg, logit_scale), findings, zcls
+
+
 def evaluate(
     *,
     zimg: np.ndarray,
@@ -78,13 +93,10 @@ def evaluate(
     out of the multi-label AUROC; they take part in single-label classification.
     """
     labels = np.asarray(labels)
-    make = combinatorial_prompts if prompts == "combinatorial" else template_prompts
-    zcls = class_embeddings(encode, make(class_names))
-    findings = [c for c, name in enumerate(class_names) if not name.startswith("no ")]
+    probs, findings, zcls = finding_probabilities(
+        zimg=zimg, class_names=class_names, encode=encode, logit_scale=logit_scale, prompts=prompts
+    )
     names = [class_names[c] for c in findings]
-    zpos = zcls[findings]
-    zneg = class_embeddings(encode, template_prompts(names, NEGATIVE_TEMPLATES))
-    probs = positive_probability(zimg, zpos, zneg, logit_scale)
     y = labels[:, findings]
     out: dict[str, float] = {}
     per_class = common.per_class_auroc(probs, y)
