@@ -539,7 +539,8 @@ def negative_caption_loss(
     logits = jnp.concatenate([positive[..., None], jnp.where(neg_mask, negative, -jnp.inf)], -1)
     per_roi = jax.nn.logsumexp(logits, axis=-1) - positive
     loss, num_valid = _global_mean(per_roi, roi_mask, axis_name)
-    hits = positive > jnp.max(jnp.where(neg_mask, negative, -jnp.inf), axis=-1)
+    # initial=-inf: K = 0 (no negatives configured) gives loss 0 and accuracy 1, not an error.
+    hits = positive > jnp.max(jnp.where(neg_mask, negative, -jnp.inf), axis=-1, initial=-jnp.inf)
     accuracy, _ = _global_mean(hits.astype(jnp.float32), roi_mask, axis_name)
     return loss, dict(loss=loss, accuracy=accuracy, num_rois=num_valid)
 

@@ -126,3 +126,10 @@ def test_registered_names_load_with_data_source(tmp_path):
     build("roco", tmp_path)
     source = tfds.data_source("roco", split="validation", data_dir=tmp_path / "tfds")
     assert len(source) == 1 and text(source[0]["id"]) == "ROCO_00001"
+
+
+def test_synth_too_small_for_a_split_is_a_clear_error(tmp_path):
+    from region_medclip.data.builders import synth_cxr
+
+    with pytest.raises(ValueError, match="num=4: the .* split gets no films"):
+        synth_cxr.ensure_built(str(tmp_path), size=32, num=4, seed=0)

@@ -453,6 +453,16 @@ def test_negative_caption_hand_value():
     )
     expected = -np.log(np.exp(2) / (np.exp(2) + np.exp(2) + np.exp(0)))
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    # No negatives at all (data.num_negatives = 0): nothing to push away, loss 0.
+    loss, metrics = _jit(losses.negative_caption_loss)(
+        zroi=zroi,
+        zcap=zcap,
+        zneg=zneg[:, :, :0],
+        roi_mask=np.ones((1, 1), bool),
+        neg_mask=neg_mask[:, :, :0],
+        logit_scale=2.0,
+    )
+    assert float(loss) == 0.0 and float(metrics["accuracy"]) == 1.0
 
 
 def test_distillation_is_zero_for_equal_logits_and_never_updates_the_teacher():

@@ -71,6 +71,13 @@ class SynthCxr(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download: the data is generated
+        cfg = self.builder_config
+        for split in ("train", "validation", "test"):
+            if not any(synth.split_of(i, cfg.seed) == split for i in range(cfg.num)):
+                raise ValueError(
+                    f"synth_cxr num={cfg.num}: the {split!r} split gets no films (splits are by "
+                    "patient, ~80/10/10); use a larger num (config.data.synth.num or --num)"
+                )
         return {split: self._generate_examples(split) for split in ("train", "validation", "test")}
 
     def _generate_examples(self, split: str):
