@@ -1,0 +1,50 @@
+"""The loss ablation: variants, the table, and a two-step run of every variant."""
+
+import json
+
+import numpy as np
+import pytest
+
+from region_medclip import ablation
+
+
+def test_summarise_means_and_stds_by_hand():
+    runs = [
+        {"zero_shot": {"macro_auroc": 0.8}, "grounding": {"pointing_game": 0.0}},
+        {"zero_shot": {"macro_auroc": 0.6}, "grounding": {"pointing_game": 1.0}},
+    ]
+    summary, table = ablation.summarise({"a": runs, "b": runs[:1]})
+    assert summary["a"]["zero_shot/macro_auroc"] == pytest.approx((0.7, 0.1))
+    # A zero is a value, not a missing one.
+    assert summary["a"]["grounding/pointing_game"] == pytest.approx((0.5, 0.5))
+    assert np.isnan(summary["a"]["retrieval/i2t/R@5"][0])
+    assert "| a | 2 | 0.700 ± 0.100 |" in table and "| b | 1 | 0.800 |" in table
+
+
+def test_every_variant_trains_evaluates_and_is_not_trained_twice(tmp_path):
+    import micro_config
+
+    from configs import common
+    from region_medclip.data.builders import synth_cxr
+
+    data_dir = str(tmp_path / "tfds")
+    synth_cxr.ensure_built(data_dir, size=32, num=160, seed=0)
+    base = micro_config.get_config(f"data_dir={data_dir},steps=2,evals")
+    workdir = tmp_path / "ablation"
+    summary, table = ablation.run(base, str(workdir), [0], list(ablation.VARIANTS))
+    assert set(summary) == set(ablation.VARIANTS) and len(table.splitlines()) == 6
+    for variant in ablation.VARIANTS:
+        stored = json.loads((workdir / variant / "seed0" / "config.json").read_text())
+        region = variant == "region_aware"
+        assert (stored["loss"]["beta"] > 0) == region and (stored["loss"]["gamma"] > 0) == region
+        assert 0 <= summary[variant]["regions/within_image_top1"][0] <= 1
+    sigmoid = json.loads((workdir / "sigmoid" / "seed0" / "config.json").read_text())
+    assert sigmoid["loss"]["global_kind"] == "sigmoid"
+    assert sigmoid["model"]["logit_scale_init"] == pytest.approx(common.SIGMOID_LOGIT_SCALE_INIT)
+    # Finished runs are read back, not trained again.
+    final = workdir / "medclip" / "seed0" / "eval" / "2.json"
+    before = final.stat().st_mtime_ns
+    again, _ = ablation.run(base, str(workdir), [0], ["medclip"])
+    assert final.stat().st_mtime_ns == before and again["medclip"] == summary["medclip"]
+    with pytest.raises(ValueError, match="unknown"):
+        ablation.run(base, str(workdir), [0], ["nope"])
