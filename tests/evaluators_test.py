@@ -185,6 +185,52 @@ def test_zero_shot_with_an_oracle_text_encoder():
     assert out["top1"] == 1.0 and out["macro_f1"] == 1.0
 
 
+def test_report_prompts_use_the_report_language():
+    from region_medclip.data import synth_text
+    from region_medclip.evaluators import zero_shot
+
+    names = ["no finding", "cardiomegaly", "pleural effusion"]
+    positive, negative = zero_shot.report_prompts(names)
+    assert positive[0] == [t.format("no finding") for t in zero_shot.POSITIVE_TEMPLATES]
+    assert "There is enlarged heart." in positive[1] and "IMPRESSION: effusion." in positive[2]
+    # Absent cardiomegaly is ruled out the way the reports do it, not as "No cardiomegaly."
+    assert negative[1] == list(synth_text.NEGATIONS["cardiomegaly"])
+    assert not any("  " in p for group in positive for p in group)  # empty severity left no gap
+    # An oracle encoder that reads the report sentences gets AUROC 1 with them.
+    rules = {"heart": 1, "cardiac": 1, "cardiomegaly": 1, "effusion": 2, "fluid": 2}
+
+    def encode(texts):
+        out = np.zeros((len(texts), 4))
+        for i, t in enumerate(texts):
+            hit = next((d for w, d in rules.items() if w in t.lower()), 0)
+            normal = t.lower().startswith("no ") or "normal" in t.lower()
+            out[i, 3 if normal and hit else hit] = 1.0
+        return out
+
+    labels = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1]], np.float32)
+    zimg = np.array([[1, 0, 0, 1], [0, 1, 0, 0.5], [0, 0, 1, 0.5], [0, 1, 1, 0.2]], float)
+    zimg /= np.linalg.norm(zimg, axis=1, keepdims=True)
+    out = zero_shot.evaluate(
+        zimg=zimg,
+        labels=labels,
+        class_names=names,
+        encode=encode,
+        logit_scale=10.0,
+        prompts="report",
+        bootstrap=20,
+    )
+    assert out["auroc/cardiomegaly"] == 1.0 and out["auroc/pleural effusion"] == 1.0
+    with pytest.raises(ValueError, match="prompts"):
+        zero_shot.evaluate(
+            zimg=zimg,
+            labels=labels,
+            class_names=names,
+            encode=encode,
+            logit_scale=1.0,
+            prompts="nope",
+        )
+
+
 def test_evaluators_run_in_training_and_from_the_command_line(tmp_path):
     import json
     import os

@@ -16,6 +16,7 @@ from region_medclip.evaluators import common
 # Prompt templates in the language of radiology reports.
 POSITIVE_TEMPLATES = ("{}", "There is {}.", "FINDINGS: There is {}.", "IMPRESSION: {}.")
 NEGATIVE_TEMPLATES = ("No {}.", "There is no {}.", "FINDINGS: No {}.", "IMPRESSION: No {}.")
+PROMPT_SETS = ("templates", "combinatorial", "report")
 
 
 def class_embeddings(encode, prompts: list[list[str]]) -> np.ndarray:
@@ -55,6 +56,30 @@ def combinatorial_prompts(names: list[str]) -> list[list[str]]:
     return out
 
 
+def report_prompts(names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Positive and negative prompts in the language of the synthetic reports: each finding's
+    synonyms as report sentences ("There is a pleural fluid collection."), and the sentences the
+    reports use to rule it out ("Heart size is normal." for cardiomegaly), as CheXzero words its
+    prompts after the reports it was trained on. Names without such phrases (e.g. "no finding")
+    fall back to the templates.
+
+    Returns ``(positive [C][P], negative [C][Q])`` prompt lists.
+    """
+    from region_medclip.data.synth_text import NEGATIONS, SYNONYMS
+
+    positive, negative = [], []
+    for name in names:
+        phrases = [" ".join(s.format(sev="").split()) for s in SYNONYMS.get(name, ())]
+        positive.append(
+            [f"There is {p}." for p in phrases] + [f"IMPRESSION: {p}." for p in phrases]
+            or [t.format(name) for t in POSITIVE_TEMPLATES]
+        )
+        negative.append(
+            list(NEGATIONS.get(name, ())) or [t.format(name) for t in NEGATIVE_TEMPLATES]
+        )
+    return positive, negative
+
+
 def positive_probability(zimg, zpos, zneg, logit_scale: float) -> np.ndarray:
     """``zimg [N, D]``, ``zpos, zneg [C, D]`` → ``[N, C]`` probability of each finding from the
     two-way softmax between its positive and negative prompt embeddings."""
@@ -69,11 +94,18 @@ def finding_probabilities(
 
     Returns ``(probs [N, F], finding class indices [F], class embeddings [C, D])``.
     """
-    make = combinatorial_prompts if prompts == "combinatorial" else template_prompts
-    zcls = class_embeddings(encode, make(class_names))
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"config.evals.*.prompts: {prompts!r} is not one of {PROMPT_SETS}")
     findings = [c for c, name in enumerate(class_names) if not name.startswith("no ")]
     names = [class_names[c] for c in findings]
-    zneg = class_embeddings(encode, template_prompts(names, NEGATIVE_TEMPLATES))
+    if prompts == "report":
+        positive, negative = report_prompts(class_names)
+        zcls = class_embeddings(encode, positive)
+        zneg = class_embeddings(encode, [negative[c] for c in findings])
+    else:
+        make = combinatorial_prompts if prompts == "combinatorial" else template_prompts
+        zcls = class_embeddings(encode, make(class_names))
+        zneg = class_embeddings(encode, template_prompts(names, NEGATIVE_TEMPLATES))
     return positive_probability(zimg, zcls[findings], zneg, logit_scale), findings, zcls
 
 
