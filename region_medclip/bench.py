@@ -8,7 +8,8 @@ sigmoid gather. Peak memory per device is read from the compiled per-device prog
 machine's memory; such sizes are compiled but not timed.
 
 `data` measures the train pipeline's examples/s; `train` the train step's examples/s and MFU
-(bench_train.py). `compare` (against open_clip) is registered in SUBCOMMANDS but not written yet.
+(bench_train.py); `compare` the same CLIP train step in open_clip and here, examples/s of each,
+their ratio and our MFU (bench_compare.py).
 """
 
 import os
@@ -122,7 +123,10 @@ def _markdown(rows, columns):
     def cell(value):
         if value is None:
             return "not run"
-        return f"{value:,.1f}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            # Ratios and fractions (ratio, mfu) need their digits; rates and times one decimal.
+            return f"{value:.3f}" if abs(value) < 10 else f"{value:,.1f}"
+        return str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
@@ -242,19 +246,60 @@ def bench_train(args):
     return bench_train_lib.bench_train(args, _markdown)
 
 
-def _not_implemented(name):
-    def run(args):
-        del args
-        raise SystemExit(f"`bench {name}` is not implemented yet")
+def bench_compare(args):
+    """examples/s of the same CLIP step in region-medclip and open_clip, their ratio and our MFU
+    (bench_compare.py), for the tiny and ViT-B/16 configs."""
+    import jax
 
-    return run
+    from configs import tiny_roi, vitb16_roi
+    from region_medclip import bench_compare as compare_lib
+    from region_medclip import bench_train as bench_train_lib
+
+    cases = {
+        "tiny_roi": tiny_roi.get_config(),
+        "vitb16_roi:runlocal": vitb16_roi.get_config("runlocal"),
+    }
+    names = args.compare_cases or list(cases)
+    unknown = set(names) - set(cases)
+    if unknown:
+        raise SystemExit(f"--compare_cases: unknown {sorted(unknown)}; known {list(cases)}")
+    peak = bench_train_lib.matmul_peak(jax.devices()[0])
+    rows = []
+    for name in names:
+        config = cases[name]
+        if args.compare_batch:
+            config.data.batch_size = args.compare_batch
+        rows.append(compare_lib.compare_case(name, config, steps=args.train_steps, peak=peak))
+        print(rows[-1], flush=True)
+    columns = ["case", "batch", "region_medclip_examples_per_s", "open_clip_examples_per_s"]
+    columns += ["ratio", "mfu", "region_aware_examples_per_s", "params_region_medclip"]
+    columns += ["params_open_clip"]
+    machine = dict(
+        platform=platform.platform(),
+        processor=_cpu_model(),
+        cpus=os.cpu_count(),
+        peak_gflops=round(peak / 1e9, 1),
+    )
+    report = f"{machine}\n" + _markdown(rows, columns)
+    return dict(machine=machine, rows=rows), report
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 SUBCOMMANDS = {
     "losses": bench_losses,
     "data": bench_data,
     "train": bench_train,
-    "compare": _not_implemented("compare"),
+    "compare": bench_compare,
 }
 
 
@@ -287,6 +332,14 @@ def _parser():
         default=None,
         help="subset of: tiny_roi, vitb16_roi:runlocal",
     )
+    compare_args = parser.add_argument_group("compare")
+    compare_args.add_argument(
+        "--compare_cases",
+        type=lambda s: s.split(","),
+        default=None,
+        help="subset of: tiny_roi, vitb16_roi:runlocal",
+    )
+    compare_args.add_argument("--compare_batch", type=int, default=0, help="0: the config's")
     return parser
 
 
