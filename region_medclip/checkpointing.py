@@ -156,3 +156,27 @@ def restore_params(path: str, abstract_params=None, step: int | None = None):
     config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     manager.close()
     return params, config["config"], step
+
+
+def save_params(path: str, params, config_json: dict[str, Any], step: int = 0) -> None:
+    """Writes ``params`` (and the config that builds their model) as checkpoint ``step`` of
+    ``path/checkpoints``, the layout :func:`restore_params` (so ``model.init_from``,
+    ``teacher.init_from`` and ``region_medclip.load``) reads."""
+    directory = epath.Path(path) / "checkpoints"
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        },
+    )
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave({"params": params}),
+            config=ocp.args.JsonSave(config_json),
+        ),
+        force=True,
+    )
+    manager.wait_until_finished()
+    manager.close()

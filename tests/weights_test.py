@@ -170,3 +170,122 @@ def test_clip_bpe_ids_equal_open_clip_tokenizer():
     theirs = open_clip.tokenize(texts, context_length=77).numpy()
     for text, a, b in zip(texts, ours, theirs, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=repr(text))
+
+
+def _overlay(init: dict, loaded: dict, prefix: str = "") -> dict:
+    """``init`` with every leaf of ``loaded`` put in, shapes checked."""
+    out = dict(init)
+    for key, value in loaded.items():
+        if isinstance(value, dict):
+            out[key] = _overlay(init[key], value, f"{prefix}{key}/")
+        else:
+            assert np.shape(init[key]) == np.shape(value), f"{prefix}{key}"
+            out[key] = jnp.asarray(value)
+    return out
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_hf_clip_embeddings_equal_transformers(tmp_path, act):
+    torch = require_peer("torch")
+    from transformers import CLIPConfig, CLIPModel
+
+    from configs import common
+    from region_medclip.models import clip
+    from region_medclip.weights import hf_clip
+
+    vocab = 100
+    towers = dict(intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, hidden_act=act)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=32,
+            max_position_embeddings=16,
+            eos_token_id=vocab - 1,
+            bos_token_id=vocab - 2,
+            pad_token_id=0,
+            **towers,
+        ),
+        vision_config=dict(hidden_size=48, image_size=32, patch_size=8, **towers),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    reference = CLIPModel(config).eval()
+    reference.save_pretrained(tmp_path)  # model.safetensors + config.json
+
+    fields, params = hf_clip.load(str(tmp_path))
+    model_config = common.base_config().model
+    model_config.image, model_config.text = fields["image"], fields["text"]
+    model_config.embed_dim = fields["embed_dim"]
+    model = clip.from_config(model_config)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
+    tokens = rng.integers(1, vocab - 2, size=(3, 16))
+    tokens[:, 0] = vocab - 2
+    for row, end in enumerate((5, 10, 15)):  # eos, then padding
+        tokens[row, end], tokens[row, end + 1 :] = vocab - 1, 0
+    init = meta.unbox(
+        model.init(jax.random.PRNGKey(0), images[:1], tokens[:1], np.zeros((1, 1, 4), np.float32))
+    )["params"]
+    ours = _overlay(init, params)
+    zimg, _ = model.apply({"params": ours}, jnp.asarray(images), method=model.encode_image)
+    ztxt = model.apply({"params": ours}, jnp.asarray(tokens), method=model.encode_text)
+    with torch.no_grad():
+        pixel_values = torch.from_numpy(images.transpose(0, 3, 1, 2))
+        expected_img = reference.get_image_features(pixel_values=pixel_values)
+        expected_txt = reference.get_text_features(input_ids=torch.from_numpy(tokens))
+    for name, got, expected in (("image", zimg, expected_img), ("text", ztxt, expected_txt)):
+        expected = getattr(expected, "pooler_output", expected).numpy()
+        expected = expected / np.linalg.norm(expected, axis=-1, keepdims=True)
+        np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, err_msg=name)
+    assert float(ours["logit_scale"]) == pytest.approx(reference.logit_scale.item())
+
+
+@pytest.mark.parity
+def test_convert_output_loads_as_a_model_and_as_init_from(tmp_path):
+    torch = require_peer("torch")
+    from transformers import CLIPConfig, CLIPModel
+
+    import region_medclip
+    from region_medclip import convert, train
+    from region_medclip.models import clip
+
+    towers = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=32,
+            max_position_embeddings=16,
+            eos_token_id=99,
+            bos_token_id=98,
+            **towers,
+        ),
+        vision_config=dict(hidden_size=32, image_size=32, patch_size=8, **towers),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    reference = CLIPModel(config).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    stored = convert.convert_hf_clip(str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert stored["model"]["text"]["eot"] == 99  # pools at the first eos token, as transformers
+    model = region_medclip.load(str(tmp_path / "out"))
+    tokens = np.random.default_rng(0).integers(1, 99, size=(2, 16))
+    tokens[:, 9] = 99
+    tokens[:, 10:] = 0
+    with torch.no_grad():
+        expected = reference.get_text_features(input_ids=torch.from_numpy(tokens))
+    expected = getattr(expected, "pooler_output", expected).numpy()
+    expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
+    np.testing.assert_allclose(model.encode_text(tokens.astype(np.int32)), expected, atol=1e-4)
+    # config.model.init_from takes it: every param of the model is there with its shape.
+    model_config = model.config.model
+    shapes = jax.eval_shape(
+        lambda: clip.from_config(model_config).init(
+            jax.random.PRNGKey(1),
+            np.zeros((1, 32, 32, 3), np.float32),
+            np.zeros((1, 16), np.int32),
+            np.zeros((1, 1, 4), np.float32),
+        )
+    )["params"]
+    loaded = train.load_init_params(str(tmp_path / "out"), meta.unbox(shapes))
+    assert float(loaded["logit_scale"]) == pytest.approx(reference.logit_scale.item())

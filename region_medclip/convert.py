@@ -1,0 +1,85 @@
+"""Imports pretrained weights from local files:
+``python -m region_medclip.convert --format=hf_clip --src=DIR --out=DIR``.
+
+The output is a checkpoint directory of this project (params + the config that builds the model)
+that ``config.model.init_from``, ``config.teacher.init_from`` and ``region_medclip.load`` accept.
+Nothing is downloaded: ``--src`` is a directory with ``config.json`` and ``model.safetensors``
+(or ``pytorch_model.bin``), e.g. what ``CLIPModel.save_pretrained`` writes.
+"""
+
+import json
+
+from absl import app, flags
+
+FORMATS = ("hf_clip",)
+_FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "Checkpoint format of --src.")
+_SRC = flags.DEFINE_string("src", None, "Checkpoint directory or file.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (a checkpoint of this project).")
+
+
+def convert_hf_clip(src: str, out: str) -> dict:
+    """Converts an HF ``CLIPModel`` at ``src`` into ``out``; returns the stored config."""
+    import jax
+    import numpy as np
+    from flax.core import meta
+
+    from configs import common
+    from region_medclip import checkpointing
+    from region_medclip.models import clip
+    from region_medclip.weights import hf_clip
+
+    fields, loaded = hf_clip.load(src)
+    config = common.base_config()
+    config.model.image, config.model.text = fields["image"], fields["text"]
+    config.model.embed_dim = fields["embed_dim"]
+    config.data.image_size = fields["image_size"]
+    config.data.text_len = fields["text"]["context_len"]
+    config.data.tokenizer = "clip_bpe"
+    model = clip.from_config(config.model)
+    size, length = fields["image_size"], fields["text"]["context_len"]
+    # The region head and logit_bias are not in CLIP: they start from this model's own init.
+    params = meta.unbox(
+        jax.jit(
+            lambda: model.init(
+                jax.random.PRNGKey(0),
+                np.zeros((1, size, size, 3), np.float32),
+                np.zeros((1, length), np.int32),
+                np.zeros((1, 1, 4), np.float32),
+            )
+        )()["params"]
+    )
+    params = _overlay(jax.device_get(params), loaded, src)
+    config_json = json.loads(config.to_json_best_effort())
+    checkpointing.save_params(out, params, config_json)
+    return config_json
+
+
+def _overlay(params: dict, loaded: dict, src: str, prefix: str = "") -> dict:
+    import numpy as np
+
+    out = dict(params)
+    for key, value in loaded.items():
+        if key not in params:
+            raise ValueError(f"{src}: {prefix}{key} has no place in the model")
+        if isinstance(value, dict):
+            out[key] = _overlay(params[key], value, src, f"{prefix}{key}/")
+        elif np.shape(params[key]) != np.shape(value):
+            raise ValueError(
+                f"{src}: {prefix}{key} has shape {np.shape(value)}, the model "
+                f"{np.shape(params[key])}"
+            )
+        else:
+            out[key] = np.asarray(value, np.float32)
+    return out
+
+
+def main(argv):
+    del argv
+    if _FORMAT.value == "hf_clip":
+        convert_hf_clip(_SRC.value, _OUT.value)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["format", "src", "out"])
+    app.run(main)
