@@ -1,5 +1,6 @@
 """Imports pretrained weights from local files:
-``python -m region_medclip.convert --format=hf_clip --src=DIR --out=DIR``.
+``python -m region_medclip.convert --format=hf_clip --src=DIR --out=DIR``, or
+``--format=open_clip --src=FILE.pt --model_config=ViT-B-16 --out=DIR``.
 
 The output is a checkpoint directory of this project (params + the config that builds the model)
 that ``config.model.init_from``, ``config.teacher.init_from`` and ``region_medclip.load`` accept.
@@ -11,14 +12,33 @@ import json
 
 from absl import app, flags
 
-FORMATS = ("hf_clip",)
+FORMATS = ("hf_clip", "open_clip")
 _FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "Checkpoint format of --src.")
 _SRC = flags.DEFINE_string("src", None, "Checkpoint directory or file.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (a checkpoint of this project).")
+_MODEL_CONFIG = flags.DEFINE_string(
+    "model_config", None, "open_clip: its model-config JSON, or a model name (e.g. ViT-B-16)."
+)
 
 
 def convert_hf_clip(src: str, out: str) -> dict:
     """Converts an HF ``CLIPModel`` at ``src`` into ``out``; returns the stored config."""
+    from region_medclip.weights import hf_clip
+
+    fields, loaded = hf_clip.load(src)
+    return _write(fields, loaded, src, out)
+
+
+def convert_open_clip(src: str, out: str, model_config: str) -> dict:
+    """Converts an open_clip checkpoint ``src`` (architecture from ``model_config``, a JSON
+    path or a model name) into ``out``; returns the stored config."""
+    from region_medclip.weights import open_clip
+
+    fields, loaded = open_clip.load(src, model_config)
+    return _write(fields, loaded, src, out)
+
+
+def _write(fields: dict, loaded: dict, src: str, out: str) -> dict:
     import jax
     import numpy as np
     from flax.core import meta
@@ -26,9 +46,7 @@ def convert_hf_clip(src: str, out: str) -> dict:
     from configs import common
     from region_medclip import checkpointing
     from region_medclip.models import clip
-    from region_medclip.weights import hf_clip
 
-    fields, loaded = hf_clip.load(src)
     config = common.base_config()
     config.model.image, config.model.text = fields["image"], fields["text"]
     config.model.embed_dim = fields["embed_dim"]
@@ -77,6 +95,10 @@ def main(argv):
     del argv
     if _FORMAT.value == "hf_clip":
         convert_hf_clip(_SRC.value, _OUT.value)
+    else:
+        if not _MODEL_CONFIG.value:
+            raise app.UsageError("--format=open_clip needs --model_config (JSON path or name)")
+        convert_open_clip(_SRC.value, _OUT.value, _MODEL_CONFIG.value)
     print(f"wrote {_OUT.value}")
 
 

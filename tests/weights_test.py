@@ -289,3 +289,58 @@ def test_convert_output_loads_as_a_model_and_as_init_from(tmp_path):
     )["params"]
     loaded = train.load_init_params(str(tmp_path / "out"), meta.unbox(shapes))
     assert float(loaded["logit_scale"]) == pytest.approx(reference.logit_scale.item())
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_open_clip_embeddings_equal_open_clip(tmp_path, quick_gelu):
+    torch = require_peer("torch")
+    open_clip = require_peer("open_clip")
+    import json
+
+    import region_medclip
+    from region_medclip import convert
+
+    oc_config = dict(
+        embed_dim=16,
+        quick_gelu=quick_gelu,
+        vision_cfg=dict(image_size=32, layers=2, width=64, head_width=32, patch_size=8),
+        text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=2),
+    )
+    torch.manual_seed(0)
+    reference = open_clip.model.CLIP(
+        embed_dim=16,
+        vision_cfg=open_clip.model.CLIPVisionCfg(**oc_config["vision_cfg"]),
+        text_cfg=open_clip.model.CLIPTextCfg(**oc_config["text_cfg"]),
+        quick_gelu=quick_gelu,
+    ).eval()
+    with torch.no_grad():  # non-trivial LayerNorms, so a swapped scale/bias shows
+        for name, p in reference.named_parameters():
+            if "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    torch.save(reference.state_dict(), tmp_path / "oc.pt")
+    (tmp_path / "oc.json").write_text(json.dumps(oc_config))
+    convert.convert_open_clip(
+        str(tmp_path / "oc.pt"), str(tmp_path / "out"), str(tmp_path / "oc.json")
+    )
+    model = region_medclip.load(str(tmp_path / "out"))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    tokens = rng.integers(1, 98, size=(2, 16))
+    tokens[:, 7], tokens[:, 8:] = 99, 0  # end of text (the highest id), then padding
+    with torch.no_grad():
+        expected_img = reference.encode_image(
+            torch.from_numpy(images.transpose(0, 3, 1, 2)), normalize=True
+        )
+        expected_txt = reference.encode_text(torch.from_numpy(tokens), normalize=True)
+    np.testing.assert_allclose(model.encode_image(images), expected_img.numpy(), atol=1e-4)
+    np.testing.assert_allclose(
+        model.encode_text(tokens.astype(np.int32)), expected_txt.numpy(), atol=1e-4
+    )
+    state = reference.state_dict()
+    del state["ln_final.bias"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(KeyError, match=r"broken.pt: tensor 'ln_final.bias' is missing"):
+        convert.convert_open_clip(
+            str(tmp_path / "broken.pt"), str(tmp_path / "o2"), str(tmp_path / "oc.json")
+        )
