@@ -17,11 +17,6 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config (FILE[:args]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the table.")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds, each trained for every variant.")
-_VARIANTS = flags.DEFINE_list("variants", None, "Subset of the variants (default: all).")
-
 _GLOBAL_ONLY = {"loss.beta": 0.0, "loss.gamma": 0.0, "loss.lambda_": 0.0}
 # Config overrides per variant, on top of the base config. The global-only baselines switch the
 # region and negative-caption terms off; the region head still exists (and shares W_i), so their
@@ -119,18 +114,29 @@ def _evaluate_last(config, rundir: str) -> None:
     evals_lib.write(rundir, step, results)
 
 
+def _define_flags() -> None:
+    # Defined only when run as a program: tests import this module beside other CLIs that
+    # define --config too, and absl flags are global.
+    config_flags.DEFINE_config_file("config", None, "Base config (FILE[:args]).")
+    flags.DEFINE_string("workdir", None, "Directory for the runs and the table.")
+    flags.DEFINE_list("seeds", ["0"], "Seeds, each trained for every variant.")
+    flags.DEFINE_list("variants", None, "Subset of the variants (default: all).")
+
+
 def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.INFO)
-    variants = _VARIANTS.value or list(VARIANTS)
-    seeds = [int(s) for s in _SEEDS.value]
-    summary, table = run(_CONFIG.value, _WORKDIR.value, seeds, variants)
-    root = epath.Path(_WORKDIR.value)
+    args = flags.FLAGS
+    variants = args.variants or list(VARIANTS)
+    seeds = [int(s) for s in args.seeds]
+    summary, table = run(args.config, args.workdir, seeds, variants)
+    root = epath.Path(args.workdir)
     (root / "ablation.md").write_text(table + "\n")
     (root / "ablation.json").write_text(json.dumps(summary, indent=2))
     print(table)
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -13,12 +13,16 @@ import json
 from absl import app, flags
 
 FORMATS = ("hf_clip", "open_clip")
-_FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "Checkpoint format of --src.")
-_SRC = flags.DEFINE_string("src", None, "Checkpoint directory or file.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (a checkpoint of this project).")
-_MODEL_CONFIG = flags.DEFINE_string(
-    "model_config", None, "open_clip: its model-config JSON, or a model name (e.g. ViT-B-16)."
-)
+
+
+def _define_flags() -> None:
+    # Defined only when run as a program: tests import this module beside other CLIs.
+    flags.DEFINE_enum("format", None, list(FORMATS), "Checkpoint format of --src.")
+    flags.DEFINE_string("src", None, "Checkpoint directory or file.")
+    flags.DEFINE_string("out", None, "Output directory (a checkpoint of this project).")
+    flags.DEFINE_string(
+        "model_config", None, "open_clip: its model-config JSON, or a model name (e.g. ViT-B-16)."
+    )
 
 
 def convert_hf_clip(src: str, out: str) -> dict:
@@ -93,15 +97,17 @@ def _overlay(params: dict, loaded: dict, src: str, prefix: str = "") -> dict:
 
 def main(argv):
     del argv
-    if _FORMAT.value == "hf_clip":
-        convert_hf_clip(_SRC.value, _OUT.value)
+    args = flags.FLAGS
+    if args.format == "hf_clip":
+        convert_hf_clip(args.src, args.out)
     else:
-        if not _MODEL_CONFIG.value:
+        if not args.model_config:
             raise app.UsageError("--format=open_clip needs --model_config (JSON path or name)")
-        convert_open_clip(_SRC.value, _OUT.value, _MODEL_CONFIG.value)
-    print(f"wrote {_OUT.value}")
+        convert_open_clip(args.src, args.out, args.model_config)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["format", "src", "out"])
     app.run(main)

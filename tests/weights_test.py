@@ -244,10 +244,14 @@ def test_hf_clip_embeddings_equal_transformers(tmp_path, act):
 @pytest.mark.parity
 def test_convert_output_loads_as_a_model_and_as_init_from(tmp_path):
     torch = require_peer("torch")
+    import json
+    import subprocess
+    import sys
+
     from transformers import CLIPConfig, CLIPModel
 
     import region_medclip
-    from region_medclip import convert, train
+    from region_medclip import train
     from region_medclip.models import clip
 
     towers = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -266,7 +270,26 @@ def test_convert_output_loads_as_a_model_and_as_init_from(tmp_path):
     torch.manual_seed(0)
     reference = CLIPModel(config).eval()
     reference.save_pretrained(tmp_path / "hf")
-    stored = convert.convert_hf_clip(str(tmp_path / "hf"), str(tmp_path / "out"))
+    # The command line, as README shows it.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "region_medclip.convert",
+            "--format=hf_clip",
+            f"--src={tmp_path / 'hf'}",
+            f"--out={tmp_path / 'out'}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stored = json.loads(
+        (tmp_path / "out" / "checkpoints" / "0" / "config" / "metadata").read_text()
+    )
     assert stored["model"]["text"]["eot"] == 99  # pools at the first eos token, as transformers
     model = region_medclip.load(str(tmp_path / "out"))
     tokens = np.random.default_rng(0).integers(1, 99, size=(2, 16))
