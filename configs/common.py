@@ -89,3 +89,23 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.evals = ml_collections.ConfigDict()
     return c
+
+
+def init_text_from(c: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+    """Starts the text tower of ``c`` from a text-tower checkpoint (``python -m
+    region_medclip.convert --format=hf_bert``): takes its tower fields and tokenizer, caps
+    ``data.text_len`` / ``data.caption_len`` at its context length and sets
+    ``model.init_from``. The image and region towers keep their own config and random init."""
+    from region_medclip import checkpointing
+
+    stored = checkpointing.read_config(path)
+    if "partial" not in stored or stored["partial"].get("provides") != ["text_tower"]:
+        raise ValueError(f"{path}: not a text-tower checkpoint (convert --format=hf_bert)")
+    text = dict(stored["model"]["text"])
+    c.model.text = text
+    c.data.tokenizer = stored["data"]["tokenizer"]
+    c.data.tokenizer_path = stored["data"]["tokenizer_path"]
+    c.data.text_len = min(int(c.data.text_len), int(text["context_len"]))
+    c.data.caption_len = min(int(c.data.caption_len), int(text["context_len"]))
+    c.model.init_from = path
+    return c

@@ -8,8 +8,9 @@ from region_medclip import config_lib
 
 
 def get_config(arg: str | None = None):
-    """``arg``: ``res=`` image size, ``variant=`` ViT variant, ``steps=`` total steps."""
-    args = config_lib.parse_arg(arg, res=128, variant="Ti/16", steps=800)
+    """``arg``: ``res=`` image size, ``variant=`` ViT variant, ``steps=`` total steps,
+    ``text_from=`` a ``convert --format=hf_bert`` output to start the text tower from."""
+    args = config_lib.parse_arg(arg, res=128, variant="Ti/16", steps=800, text_from="")
     c = common.base_config()
     c.model.image = dict(variant=args.variant, depth=4, pool="cls")
     c.model.text = dict(
@@ -41,4 +42,6 @@ def get_config(arg: str | None = None):
     c.loss.lambda_ = 0.0
     for kind in ("zero_shot", "retrieval", "regions", "grounding", "modality_gap"):
         c.evals[kind] = dict(kind=kind, max_examples=600, bootstrap=200)
+    if args.text_from:
+        common.init_text_from(c, args.text_from)
     return c

@@ -115,6 +115,12 @@ def load(path: str, step: int | None = None) -> Model:
 
     Raises:
       FileNotFoundError: naming ``path`` when it holds no checkpoint.
+      ValueError: ``path`` holds one tower only (``convert --format=hf_bert``).
     """
     params, config, _ = checkpointing.restore_params(path, step=step)
+    if "partial" in config:
+        raise ValueError(
+            f"{path}: holds only {config['partial']['provides']} ({config['partial']['format']}),"
+            " not a whole model; train from it with config.model.init_from"
+        )
     return Model(ml_collections.ConfigDict(config), params)

@@ -158,6 +158,28 @@ def restore_params(path: str, abstract_params=None, step: int | None = None):
     return params, config["config"], step
 
 
+def read_config(path: str, step: int | None = None) -> dict[str, Any]:
+    """The config stored with the latest checkpoint (or ``step``) of a workdir or ``convert``
+    output, without reading its params.
+
+    Raises:
+      FileNotFoundError: naming ``path`` when it holds no checkpoint.
+    """
+    root = epath.Path(path)
+    directory = root / "checkpoints" if (root / "checkpoints").exists() else root
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={"config": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(f"{path}: no checkpoint found (looked in {directory})")
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    manager.close()
+    return config["config"]
+
+
 def save_params(path: str, params, config_json: dict[str, Any], step: int = 0) -> None:
     """Writes ``params`` (and the config that builds their model) as checkpoint ``step`` of
     ``path/checkpoints``, the layout :func:`restore_params` (so ``model.init_from``,

@@ -1,18 +1,31 @@
 """Imports pretrained weights from local files:
-``python -m region_medclip.convert --format=hf_clip --src=DIR --out=DIR``, or
-``--format=open_clip --src=FILE.pt --model_config=ViT-B-16 --out=DIR``.
+``python -m region_medclip.convert --format=hf_clip --src=DIR --out=DIR``,
+``--format=open_clip --src=FILE.pt --model_config=ViT-B-16 --out=DIR``, or
+``--format=hf_bert --src=DIR --out=DIR [--pool=cls|mean]``.
 
-The output is a checkpoint directory of this project (params + the config that builds the model)
-that ``config.model.init_from``, ``config.teacher.init_from`` and ``region_medclip.load`` accept.
-Nothing is downloaded: ``--src`` is a directory with ``config.json`` and ``model.safetensors``
-(or ``pytorch_model.bin``), e.g. what ``CLIPModel.save_pretrained`` writes.
+The output is a checkpoint directory of this project (params + the config that builds the model).
+A CLIP conversion holds a whole model: ``config.model.init_from``, ``config.teacher.init_from``
+and ``region_medclip.load`` accept it. A BERT conversion holds a text tower only (and its
+tokenizer): ``config.model.init_from`` takes it, the other towers keeping their random init
+(``configs/common.py:init_text_from`` sets the text tower and tokenizer to match). Nothing is
+downloaded: ``--src`` is a directory with ``config.json`` and ``model.safetensors`` (or
+``pytorch_model.bin``), e.g. what ``save_pretrained`` writes.
 """
 
 import json
+import os
+import shutil
 
 from absl import app, flags
 
-FORMATS = ("hf_clip", "open_clip")
+FORMATS = ("hf_clip", "open_clip", "hf_bert")
+# What a tokenizer directory of an HF checkpoint may hold; copied next to a BERT conversion.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def _define_flags() -> None:
@@ -23,6 +36,7 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "model_config", None, "open_clip: its model-config JSON, or a model name (e.g. ViT-B-16)."
     )
+    flags.DEFINE_enum("pool", "cls", ["cls", "mean"], "hf_bert: how the text tower pools tokens.")
 
 
 def convert_hf_clip(src: str, out: str) -> dict:
@@ -40,6 +54,45 @@ def convert_open_clip(src: str, out: str, model_config: str) -> dict:
 
     fields, loaded = open_clip.load(src, model_config)
     return _write(fields, loaded, src, out)
+
+
+def convert_hf_bert(src: str, out: str, pool: str = "cls") -> dict:
+    """Converts an HF BERT-family encoder at ``src`` (a directory with ``config.json``, weights
+    and a tokenizer) into a text-tower-only checkpoint at ``out``; returns the stored config.
+
+    The stored config's ``partial`` section lists what the checkpoint provides
+    (``text_tower``) and what it leaves to the model's init (``text_tower/proj``, the projection
+    into the joint space, which BERT does not have).
+    """
+    from configs import common
+    from region_medclip import checkpointing
+    from region_medclip.data import tokenizers
+    from region_medclip.weights import hf_bert
+
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"--src={src}: hf_bert needs the checkpoint directory")
+    kwargs, loaded = hf_bert.load(src)
+    tokenizer_dir = os.path.join(out, "tokenizer")
+    os.makedirs(tokenizer_dir, exist_ok=True)
+    for name in _TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), tokenizer_dir)
+    tokenizer = tokenizers.hf(tokenizer_dir)  # fails here, naming src, if there is none
+    if tokenizer.vocab_size > kwargs["vocab_size"]:
+        raise ValueError(
+            f"{src}: tokenizer has {tokenizer.vocab_size} ids, the model {kwargs['vocab_size']}"
+        )
+    config = common.base_config()
+    config.model.text = dict(kind="bert", variant="base", pool=pool, **kwargs)
+    config.data.tokenizer = "hf"
+    config.data.tokenizer_path = os.path.abspath(tokenizer_dir)
+    config.data.text_len = min(int(config.data.text_len), kwargs["context_len"])
+    config_json = json.loads(config.to_json_best_effort())
+    config_json["partial"] = dict(
+        provides=["text_tower"], keeps_init=["text_tower/proj"], format="hf_bert", src=src
+    )
+    checkpointing.save_params(out, {"text_tower": loaded}, config_json)
+    return config_json
 
 
 def _write(fields: dict, loaded: dict, src: str, out: str) -> dict:
@@ -100,6 +153,8 @@ def main(argv):
     args = flags.FLAGS
     if args.format == "hf_clip":
         convert_hf_clip(args.src, args.out)
+    elif args.format == "hf_bert":
+        convert_hf_bert(args.src, args.out, args.pool)
     else:
         if not args.model_config:
             raise app.UsageError("--format=open_clip needs --model_config (JSON path or name)")

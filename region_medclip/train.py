@@ -275,24 +275,71 @@ def concept_vocabulary(dataset: str) -> list[str]:
 
 def load_init_params(path: str, params):
     """Params from another run's latest checkpoint (or a ``convert`` output) for ``params`` (a
-    pytree of arrays or shapes), as host arrays of the same structure and dtypes.
+    pytree of arrays or shapes), as host arrays of the same dtypes.
+
+    A whole-model checkpoint gives the whole tree. A partial one (``convert --format=hf_bert``:
+    its config's ``partial.provides`` names the subtrees it holds, ``partial.keeps_init`` those
+    of them it leaves to the model's init) gives a sub-dict with just what it holds; the caller
+    overlays it on the random init (:meth:`Setup.init_state`).
 
     Raises:
       ValueError: naming the first param path missing from, or shaped differently in, ``path``.
     """
-    loaded, _, step = checkpointing.restore_params(path)
+    loaded, stored, step = checkpointing.restore_params(path)
+    partial = (stored or {}).get("partial")
     flat = dict(jax.tree_util.tree_leaves_with_path(params))
     source = dict(jax.tree_util.tree_leaves_with_path(loaded))
+
+    def name(key) -> str:
+        return "/".join(str(getattr(k, "key", k)) for k in key)
+
+    def wanted(key) -> bool:
+        if not partial:
+            return True
+        n = name(key)
+        inside = lambda prefixes: any(n == p or n.startswith(p + "/") for p in prefixes)  # noqa: E731
+        return inside(partial["provides"]) and not inside(partial.get("keeps_init", []))
+
+    taken = {}
     for key, value in flat.items():
+        if not wanted(key):
+            continue
         if key not in source:
-            raise ValueError(f"config.model.init_from={path}: no param {jax.tree_util.keystr(key)}")
+            raise ValueError(f"config.model.init_from={path}: no param {name(key)}")
         if tuple(source[key].shape) != tuple(value.shape):
             raise ValueError(
-                f"config.model.init_from={path}: {jax.tree_util.keystr(key)} has shape "
+                f"config.model.init_from={path}: {name(key)} has shape "
                 f"{tuple(source[key].shape)}, the model wants {tuple(value.shape)}"
             )
-    _log.info("initialised params from %s (step %d)", path, step)
-    return jax.tree_util.tree_map_with_path(lambda k, v: jnp.asarray(source[k], v.dtype), params)
+        taken[key] = jnp.asarray(source[key], value.dtype)
+    if not partial:
+        _log.info("initialised params from %s (step %d)", path, step)
+        return jax.tree_util.tree_map_with_path(lambda k, v: taken[k], params)
+    unused = sorted(name(k) for k in source if k not in taken)
+    if unused:
+        raise ValueError(
+            f"config.model.init_from={path}: params the model has no place for: {unused[:5]}"
+        )
+    out: dict = {}
+    for key, value in taken.items():
+        node = out
+        for part in [str(getattr(k, "key", k)) for k in key][:-1]:
+            node = node.setdefault(part, {})
+        node[str(getattr(key[-1], "key", key[-1]))] = value
+    _log.info(
+        "initialised %s from %s (%s); everything else keeps its random init",
+        ", ".join(partial["provides"]),
+        path,
+        partial.get("format", "partial checkpoint"),
+    )
+    return out
+
+
+def overlay_params(params, loaded):
+    """``params`` with the leaves of ``loaded`` (a nested dict over a subset of its keys)."""
+    if not isinstance(loaded, dict):
+        return loaded
+    return {k: overlay_params(v, loaded[k]) if k in loaded else v for k, v in params.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,14 +410,16 @@ class Setup(NamedTuple):
     shardings: state_lib.TrainState  # NamedShardings on the mesh
 
     def init_state(self, seed: int, params=None) -> state_lib.TrainState:
-        """A fresh sharded state; ``params`` (host arrays) replace the random init if given.
+        """A fresh sharded state; ``params`` (host arrays: the whole tree, or a nested dict over
+        some of it) replace the random init where given.
 
         Created inside jit even with given params: every leaf gets buffers of its own, which
         donation needs (an eager optimizer init may hand one array to two leaves).
         """
 
         def create(rng, params):
-            init_fn = None if params is None else (lambda _: params)
+            # A partial ``params`` (one tower) overlays the random init; a whole one replaces it.
+            init_fn = None if params is None else (lambda init: overlay_params(init, params))
             return state_lib.create(self.model, self.tx, rng, self.example, init_params_fn=init_fn)
 
         return jax.jit(create, out_shardings=self.shardings)(jax.random.PRNGKey(seed), params)

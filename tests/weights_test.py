@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 from flax.core import meta
 
+import region_medclip
 from conftest import require_peer
 from region_medclip.models import text as text_lib
 from region_medclip.weights import hf_bert
@@ -367,3 +368,49 @@ def test_open_clip_embeddings_equal_open_clip(tmp_path, quick_gelu):
         convert.convert_open_clip(
             str(tmp_path / "broken.pt"), str(tmp_path / "o2"), str(tmp_path / "oc.json")
         )
+
+
+@pytest.mark.parity
+def test_hf_bert_conversion_starts_the_text_tower(tmp_path):
+    """convert --format=hf_bert on the real MiniLM checkpoint → a text-tower checkpoint that
+    `init_text_from` + `model.init_from` load into training: the trained model's text tower (lr 0)
+    is MiniLM's, the projection and the other towers keep their random init."""
+    import micro_config
+
+    from configs import common
+    from region_medclip import checkpointing, convert, train
+    from region_medclip.data.builders import synth_cxr
+
+    out = str(tmp_path / "minilm")
+    stored = convert.convert_hf_bert(minilm_dir(), out, pool="mean")
+    assert stored["partial"]["provides"] == ["text_tower"]
+    assert stored["model"]["text"]["depth"] == 6 and stored["model"]["text"]["pool"] == "mean"
+    with pytest.raises(ValueError, match="holds only"):
+        region_medclip.load(out)
+
+    data_dir = str(tmp_path / "tfds")
+    synth_cxr.ensure_built(data_dir, size=32, num=160, seed=0)
+    c = micro_config.get_config(f"data_dir={data_dir},steps=1")
+    clip_text = c.model.text.to_dict()
+    common.init_text_from(c, out)
+    assert c.model.text.kind == "bert" and c.data.tokenizer == "hf"
+    assert c.model.init_from == out and c.data.text_len == 32
+    c.optim.lr = 0.0
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    trained, _, _ = checkpointing.restore_params(str(tmp_path / "run"))
+    _, expected = hf_bert.load(minilm_dir())
+    flat = traverse_util.flatten_dict(trained["text_tower"], sep="/")
+    for key, value in traverse_util.flatten_dict(expected, sep="/").items():
+        np.testing.assert_array_equal(flat[key], value, err_msg=key)
+    assert flat["proj/kernel"].shape == (384, 32)  # ours, from the init
+    # Its report tokens are MiniLM's WordPiece ids: [CLS] ... [SEP].
+    model = region_medclip.load(str(tmp_path / "run"))
+    ids = model.tokenizer(["No acute cardiopulmonary process."], 32)[0]
+    assert ids[0] == 101 and 102 in ids
+
+    # A text tower of another shape is an error naming init_from and the param.
+    bad = micro_config.get_config(f"data_dir={data_dir},steps=1")
+    bad.model.init_from = out
+    assert bad.model.text.to_dict() == clip_text
+    with pytest.raises(ValueError, match="config.model.init_from=.*text_tower"):
+        train.train_and_evaluate(bad, str(tmp_path / "bad"))
