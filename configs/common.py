@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict()
     c.teacher.init_from = ""
     c.teacher.temperature = 0.01
+    # How the teacher embeds ROIs: head (its region tower) | crops (each box cropped and encoded
+    # as an image, as RegionCLIP's CLIP teacher) | auto (crops for a converted CLIP, else head).
+    c.teacher.regions = "auto"
 
     c.evals = ml_collections.ConfigDict()
     return c
@@ -107,5 +110,26 @@ def init_text_from(c: ml_collections.ConfigDict, path: str) -> ml_collections.Co
     c.data.tokenizer_path = stored["data"]["tokenizer_path"]
     c.data.text_len = min(int(c.data.text_len), int(text["context_len"]))
     c.data.caption_len = min(int(c.data.caption_len), int(text["context_len"]))
+    c.model.init_from = path
+    return c
+
+
+def init_model_from(c: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+    """Starts every tower of ``c`` from a whole-model checkpoint (a ``convert`` output of a CLIP
+    model, or a workdir of this project): takes its image and text towers, joint width, input
+    size and tokenizer, and sets ``model.init_from``. The region tower keeps ``c``'s config (a
+    converted CLIP has none of its own: it starts from the init)."""
+    from region_medclip import checkpointing
+
+    stored = checkpointing.read_config(path)
+    if "partial" in stored:
+        raise ValueError(f"{path}: holds only {stored['partial']['provides']}; use init_text_from")
+    c.model.image = dict(stored["model"]["image"])
+    c.model.text = dict(stored["model"]["text"])
+    c.model.embed_dim = int(stored["model"]["embed_dim"])
+    for key in ("image_size", "tokenizer", "tokenizer_path", "text_len"):
+        c.data[key] = stored["data"][key]
+    context = int(c.model.text["context_len"])
+    c.data.caption_len = min(int(c.data.caption_len or context), context)
     c.model.init_from = path
     return c

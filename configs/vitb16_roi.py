@@ -4,6 +4,7 @@ full region-aware loss.
     python -m region_medclip.summary --config=configs/vitb16_roi.py
     python -m region_medclip.summary --config=configs/vitb16_roi.py:text=bert
     ... --config=configs/vitb16_roi.py:runlocal,res=128   # laptop-sized, synthetic data
+    ... --config=configs/vitb16_roi.py:init=CLIP,teacher=CLIP   # fine-tune an imported CLIP
 """
 
 from configs import common
@@ -11,8 +12,13 @@ from region_medclip import config_lib
 
 
 def get_config(arg: str | None = None):
-    """``arg``: ``runlocal``, ``res=``, ``variant=`` (ViT), ``text=clip|bert``."""
-    args = config_lib.parse_arg(arg, runlocal=False, res=224, variant="B/16", text="clip")
+    """``arg``: ``runlocal``, ``res=``, ``variant=`` (ViT), ``text=clip|bert``; ``init=`` a
+    whole-model checkpoint (``convert`` output or workdir) to start from, its towers replacing
+    these; ``text_from=`` a ``convert --format=hf_bert`` output for the text tower alone;
+    ``teacher=`` a checkpoint to distil ROI-concept logits from (``loss.lambda_``)."""
+    args = config_lib.parse_arg(
+        arg, runlocal=False, res=224, variant="B/16", text="clip", init="", text_from="", teacher=""
+    )
     c = common.base_config()
     c.model.image = dict(variant=args.variant, pool="cls")
     if args.text == "clip":
@@ -44,4 +50,9 @@ def get_config(arg: str | None = None):
         c.train.log_every = 1
         c.train.ckpt_every = 10
         c.train.eval_every = 10
+    if args.init:
+        common.init_model_from(c, args.init)
+    if args.text_from:
+        common.init_text_from(c, args.text_from)
+    c.teacher.init_from = args.teacher
     return c

@@ -44,7 +44,7 @@ def convert_hf_clip(src: str, out: str) -> dict:
     from region_medclip.weights import hf_clip
 
     fields, loaded = hf_clip.load(src)
-    return _write(fields, loaded, src, out)
+    return _write(fields, loaded, src, out, "hf_clip")
 
 
 def convert_open_clip(src: str, out: str, model_config: str) -> dict:
@@ -53,7 +53,7 @@ def convert_open_clip(src: str, out: str, model_config: str) -> dict:
     from region_medclip.weights import open_clip
 
     fields, loaded = open_clip.load(src, model_config)
-    return _write(fields, loaded, src, out)
+    return _write(fields, loaded, src, out, "open_clip")
 
 
 def convert_hf_bert(src: str, out: str, pool: str = "cls") -> dict:
@@ -95,7 +95,7 @@ def convert_hf_bert(src: str, out: str, pool: str = "cls") -> dict:
     return config_json
 
 
-def _write(fields: dict, loaded: dict, src: str, out: str) -> dict:
+def _write(fields: dict, loaded: dict, src: str, out: str, source_format: str) -> dict:
     import jax
     import numpy as np
     from flax.core import meta
@@ -125,6 +125,8 @@ def _write(fields: dict, loaded: dict, src: str, out: str) -> dict:
     )
     params = _overlay(jax.device_get(params), loaded, src)
     config_json = json.loads(config.to_json_best_effort())
+    # Marks an imported model: its region tower is untrained (a teacher then embeds crops).
+    config_json["converted"] = dict(format=source_format, src=src)
     checkpointing.save_params(out, params, config_json)
     return config_json
 

@@ -29,11 +29,12 @@ from region_medclip import state as state_lib
 from region_medclip.data import pipeline
 from region_medclip.data import tokenizers as tokenizers_lib
 from region_medclip.models import clip
+from region_medclip.models.teacher import Teacher, concept_embeddings, concept_vocabulary
+
+__all__ = ["Teacher", "concept_vocabulary"]  # re-exported: the trainer's public names
 
 _log = logging.getLogger("region_medclip.train")
 
-# Prompt templates averaged into each distillation concept's embedding (prompt ensembling).
-CONCEPT_TEMPLATES = ("{}", "there is {}", "findings of {}", "a chest x-ray showing {}")
 # Batch keys the loss reads besides the embeddings.
 _LOSS_BATCH_KEYS = ("roi_mask", "cap_ids", "neg_mask", "labels")
 
@@ -44,19 +45,6 @@ _LOSS_BATCH_KEYS = ("roi_mask", "cap_ids", "neg_mask", "labels")
 
 def _apply(model, params, method, *args):
     return model.apply({"params": params}, *args, method=method)
-
-
-def encode_regions_only(module: clip.RegionCLIP, images, boxes, roi_mask):
-    """``images [B, H, W, C]``, ``boxes [B, R, 4]``, ``roi_mask [B, R]`` → ``zroi [B, R, D]``."""
-    _, patch_tokens = module.encode_image(images)
-    return module.encode_regions(patch_tokens, boxes, roi_mask)
-
-
-def concept_embeddings(model, params, tokens: jax.Array) -> jax.Array:
-    """``tokens [C, T, L]`` (concepts × prompt templates) → ``[C, D]`` prompt-ensembled,
-    renormalised concept embeddings."""
-    z = _apply(model, params, clip.RegionCLIP.encode_text, tokens)
-    return clip.l2_normalize(jnp.mean(z, axis=1))
 
 
 def forward(model, params, batch, loss_config) -> dict[str, jax.Array]:
@@ -132,16 +120,9 @@ def make_train_step(
             temperature = config.teacher.temperature
             concepts = concept_embeddings(model, params, teacher.concept_tokens)
             student_logits = jnp.einsum("nrd,cd->nrc", out["zroi"], concepts) / temperature
-            zroi_t = _apply(
-                teacher.model,
-                teacher_params["params"],
-                encode_regions_only,
-                batch["images"],
-                batch["boxes"],
-                batch["roi_mask"],
+            teacher_logits = teacher.logits(
+                teacher_params, batch["images"], batch["boxes"], batch["roi_mask"], temperature
             )
-            teacher_logits = jnp.einsum("nrd,cd->nrc", zroi_t, teacher_params["concepts"])
-            teacher_logits = jax.lax.stop_gradient(teacher_logits / temperature)
         loss, metrics = sharded_total_loss(
             mesh,
             loss_config,
@@ -226,51 +207,6 @@ def make_train_step(
 
 # ---------------------------------------------------------------------------------------------
 # Teacher and initialisation from other runs.
-
-
-class Teacher:
-    """A frozen model for ROI-concept distillation: its module, the concept tokens (student's
-    tokenizer) and its params + concept embeddings (teacher's tokenizer), kept outside the
-    ``TrainState`` so the optimizer never sees them."""
-
-    def __init__(self, path: str, student_data_config, concepts: list[str], mesh: Mesh):
-        params, cfg, step = checkpointing.restore_params(path)
-        teacher_config = ml_collections.ConfigDict(cfg)
-        self.model = clip.from_config(teacher_config.model)
-        self.step = step
-        teacher_tok = tokenizers_lib.from_config(teacher_config.data)
-        student_tok = tokenizers_lib.from_config(student_data_config)
-        length = teacher_config.data.get("caption_len", 0) or teacher_config.data.text_len
-        teacher_tokens = _concept_tokens(teacher_tok, concepts, length)
-        student_len = student_data_config.get("caption_len", 0) or student_data_config.text_len
-        self.concept_tokens = jnp.asarray(_concept_tokens(student_tok, concepts, student_len))
-        replicated = sharding_lib.replicated(mesh)
-        params = jax.device_put(params, replicated)
-        concepts_z = jax.jit(functools.partial(concept_embeddings, self.model))(
-            params, teacher_tokens
-        )
-        self.params = {"params": params, "concepts": concepts_z}
-        _log.info("teacher: step %d of %s, %d concepts", step, path, len(concepts))
-
-
-def _concept_tokens(tokenizer, concepts: list[str], length: int) -> np.ndarray:
-    """``[C, T, L]`` tokens of every concept in every template."""
-    texts = [t.format(c) for c in concepts for t in CONCEPT_TEMPLATES]
-    return tokenizer(texts, length).reshape(len(concepts), len(CONCEPT_TEMPLATES), length)
-
-
-def concept_vocabulary(dataset: str) -> list[str]:
-    """The distillation concepts of a dataset: finding × location phrases."""
-    from region_medclip.data import synth_text
-
-    if dataset == "synth_cxr":
-        return synth_text.concept_vocabulary()
-    from region_medclip.data.formats import LABEL_NAMES
-
-    names = LABEL_NAMES.get(dataset)
-    if not names:
-        raise ValueError(f"config.data.train={dataset!r}: no concept vocabulary for distillation")
-    return [n.lower() for n in names]
 
 
 def load_init_params(path: str, params):
@@ -492,7 +428,9 @@ def train_and_evaluate(
     teacher = None
     if config.teacher.init_from and config.loss.lambda_ > 0:
         concepts = concept_vocabulary(config.data.train)
-        teacher = Teacher(config.teacher.init_from, config.data, concepts, mesh)
+        teacher = Teacher(
+            config.teacher.init_from, config.data, concepts, mesh, config.teacher.regions
+        )
     teacher_params = teacher.params if teacher else {}
 
     tokenizer = tokenizers_lib.from_config(config.data)

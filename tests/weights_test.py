@@ -414,3 +414,94 @@ def test_hf_bert_conversion_starts_the_text_tower(tmp_path):
     assert bad.model.text.to_dict() == clip_text
     with pytest.raises(ValueError, match="config.model.init_from=.*text_tower"):
         train.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def _tiny_hf_clip(torch, vocab_size: int = 49408):
+    """A random transformers CLIPModel with CLIP BPE's vocabulary and specials, 32 px images."""
+    from transformers import CLIPConfig, CLIPModel
+
+    towers = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            max_position_embeddings=77,
+            eos_token_id=vocab_size - 1,
+            bos_token_id=vocab_size - 2,
+            **towers,
+        ),
+        vision_config=dict(hidden_size=32, image_size=32, patch_size=8, **towers),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    return CLIPModel(config).eval()
+
+
+@pytest.mark.parity
+def test_converted_clip_teacher_logits_equal_transformers_on_crops(tmp_path):
+    """An imported CLIP as the distillation teacher: each ROI is cropped (torchvision's
+    roi_align) and encoded by CLIP's image tower; each concept is the renormalised mean of its
+    prompt embeddings. Our teacher logits equal that computed with transformers and torchvision;
+    then a fine-tune from the same CLIP with distillation runs through the trainer."""
+    torch = require_peer("torch")
+    torchvision = require_peer("torchvision")
+    import micro_config
+
+    from configs import common
+    from region_medclip import convert, train
+    from region_medclip import sharding as sharding_lib
+    from region_medclip.data import tokenizers
+    from region_medclip.data.builders import synth_cxr
+    from region_medclip.models import teacher as teacher_lib
+
+    reference = _tiny_hf_clip(torch)
+    reference.save_pretrained(tmp_path / "hf")
+    out = str(tmp_path / "clip")
+    convert.convert_hf_clip(str(tmp_path / "hf"), out)
+
+    data_dir = str(tmp_path / "tfds")
+    synth_cxr.ensure_built(data_dir, size=32, num=160, seed=0)
+    c = micro_config.get_config(f"data_dir={data_dir},steps=2")
+    common.init_model_from(c, out)
+    assert c.data.tokenizer == "clip_bpe" and c.data.image_size == 32
+    c.teacher.init_from = out
+    c.loss.lambda_ = 0.5
+    concepts = train.concept_vocabulary("synth_cxr")[:12]
+    teacher = teacher_lib.Teacher(out, c.data, concepts, sharding_lib.make_mesh(c.mesh))
+    assert teacher.region_source == "crops"  # a converted CLIP has no trained region tower
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    corner = rng.uniform(0.0, 0.5, size=(2, 3, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(0.2, 0.5, size=(2, 3, 2))], -1)
+    boxes = np.clip(boxes, 0, 1).astype(np.float32)
+    roi_mask = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+    logits = jax.jit(teacher.logits, static_argnums=4)(
+        teacher.params, images, boxes, roi_mask, 1.0
+    )
+
+    tokenizer = tokenizers.clip_bpe()
+    prompts = [t.format(x) for x in concepts for t in teacher_lib.CONCEPT_TEMPLATES]
+    with torch.no_grad():
+        z = reference.get_text_features(input_ids=torch.from_numpy(tokenizer(prompts, 77)))
+        z = getattr(z, "pooler_output", z).numpy()
+        z /= np.linalg.norm(z, axis=-1, keepdims=True)
+        z = z.reshape(len(concepts), len(teacher_lib.CONCEPT_TEMPLATES), -1).mean(1)
+        z /= np.linalg.norm(z, axis=-1, keepdims=True)
+        pixel_boxes = [torch.from_numpy(b * 32.0) for b in boxes]
+        crops = torchvision.ops.roi_align(
+            torch.from_numpy(images).permute(0, 3, 1, 2),
+            pixel_boxes,
+            output_size=32,
+            sampling_ratio=2,
+            aligned=True,
+        )
+        zroi = reference.get_image_features(pixel_values=crops)
+        zroi = getattr(zroi, "pooler_output", zroi).numpy()
+    zroi /= np.linalg.norm(zroi, axis=-1, keepdims=True)
+    expected = (zroi @ z.T).reshape(2, 3, len(concepts)) * roi_mask[..., None]
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4)
+
+    # Fine-tune the imported CLIP with it as teacher, through the trainer.
+    result = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert np.isfinite(result["distill/loss"]) and result["distill/loss"] > 0
