@@ -1,6 +1,7 @@
 """Imports pretrained weights from local files:
 ``python -m region_medclip.convert --format=hf_clip --src=DIR --out=DIR``,
-``--format=open_clip --src=FILE.pt --model_config=ViT-B-16 --out=DIR``, or
+``--format=open_clip --src=FILE.pt --model_config=ViT-B-16 --out=DIR`` (BiomedCLIP:
+``--model_config=open_clip_config.json --hf_text_dir=BiomedBERT_DIR``), or
 ``--format=hf_bert --src=DIR --out=DIR [--pool=cls|mean]``.
 
 The output is a checkpoint directory of this project (params + the config that builds the model).
@@ -36,6 +37,9 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "model_config", None, "open_clip: its model-config JSON, or a model name (e.g. ViT-B-16)."
     )
+    flags.DEFINE_string(
+        "hf_text_dir", None, "open_clip with an HF text tower: its config.json + tokenizer dir."
+    )
     flags.DEFINE_enum("pool", "cls", ["cls", "mean"], "hf_bert: how the text tower pools tokens.")
 
 
@@ -47,12 +51,16 @@ def convert_hf_clip(src: str, out: str) -> dict:
     return _write(fields, loaded, src, out, "hf_clip")
 
 
-def convert_open_clip(src: str, out: str, model_config: str) -> dict:
+def convert_open_clip(
+    src: str, out: str, model_config: str, hf_text_dir: str | None = None
+) -> dict:
     """Converts an open_clip checkpoint ``src`` (architecture from ``model_config``, a JSON
-    path or a model name) into ``out``; returns the stored config."""
+    path or a model name) into ``out``; returns the stored config. ``hf_text_dir``: for an HF
+    text tower (BiomedCLIP), a local directory with its ``config.json`` and tokenizer when the
+    model config's ``hf_model_name`` is not one."""
     from region_medclip.weights import open_clip
 
-    fields, loaded = open_clip.load(src, model_config)
+    fields, loaded = open_clip.load(src, model_config, hf_text_dir)
     return _write(fields, loaded, src, out, "open_clip")
 
 
@@ -66,26 +74,16 @@ def convert_hf_bert(src: str, out: str, pool: str = "cls") -> dict:
     """
     from configs import common
     from region_medclip import checkpointing
-    from region_medclip.data import tokenizers
     from region_medclip.weights import hf_bert
 
     if not os.path.isdir(src):
         raise FileNotFoundError(f"--src={src}: hf_bert needs the checkpoint directory")
     kwargs, loaded = hf_bert.load(src)
-    tokenizer_dir = os.path.join(out, "tokenizer")
-    os.makedirs(tokenizer_dir, exist_ok=True)
-    for name in _TOKENIZER_FILES:
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), tokenizer_dir)
-    tokenizer = tokenizers.hf(tokenizer_dir)  # fails here, naming src, if there is none
-    if tokenizer.vocab_size > kwargs["vocab_size"]:
-        raise ValueError(
-            f"{src}: tokenizer has {tokenizer.vocab_size} ids, the model {kwargs['vocab_size']}"
-        )
+    tokenizer_dir = _copy_tokenizer(src, out, kwargs["vocab_size"])
     config = common.base_config()
     config.model.text = dict(kind="bert", variant="base", pool=pool, **kwargs)
     config.data.tokenizer = "hf"
-    config.data.tokenizer_path = os.path.abspath(tokenizer_dir)
+    config.data.tokenizer_path = tokenizer_dir
     config.data.text_len = min(int(config.data.text_len), kwargs["context_len"])
     config_json = json.loads(config.to_json_best_effort())
     config_json["partial"] = dict(
@@ -93,6 +91,22 @@ def convert_hf_bert(src: str, out: str, pool: str = "cls") -> dict:
     )
     checkpointing.save_params(out, {"text_tower": loaded}, config_json)
     return config_json
+
+
+def _copy_tokenizer(src: str, out: str, vocab_size: int) -> str:
+    """Copies an HF tokenizer directory's files to ``out/tokenizer`` (the conversion then
+    stands alone) and checks its ids fit the model; returns the copy's absolute path."""
+    from region_medclip.data import tokenizers
+
+    tokenizer_dir = os.path.abspath(os.path.join(out, "tokenizer"))
+    os.makedirs(tokenizer_dir, exist_ok=True)
+    for name in _TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), tokenizer_dir)
+    tokenizer = tokenizers.hf(tokenizer_dir)  # fails here if src has no tokenizer
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{src}: tokenizer has {tokenizer.vocab_size} ids, the model {vocab_size}")
+    return tokenizer_dir
 
 
 def _write(fields: dict, loaded: dict, src: str, out: str, source_format: str) -> dict:
@@ -108,8 +122,14 @@ def _write(fields: dict, loaded: dict, src: str, out: str, source_format: str) -
     config.model.image, config.model.text = fields["image"], fields["text"]
     config.model.embed_dim = fields["embed_dim"]
     config.data.image_size = fields["image_size"]
-    config.data.text_len = fields["text"]["context_len"]
-    config.data.tokenizer = "clip_bpe"
+    config.data.text_len = fields.get("text_len", fields["text"]["context_len"])
+    if "tokenizer" in fields:  # an HF text tower (BiomedCLIP): its own WordPiece tokenizer
+        config.data.tokenizer = "hf"
+        config.data.tokenizer_path = _copy_tokenizer(
+            fields["tokenizer"], out, fields["text"]["vocab_size"]
+        )
+    else:
+        config.data.tokenizer = "clip_bpe"
     model = clip.from_config(config.model)
     size, length = fields["image_size"], fields["text"]["context_len"]
     # The region head and logit_bias are not in CLIP: they start from this model's own init.
@@ -160,7 +180,7 @@ def main(argv):
     else:
         if not args.model_config:
             raise app.UsageError("--format=open_clip needs --model_config (JSON path or name)")
-        convert_open_clip(args.src, args.out, args.model_config)
+        convert_open_clip(args.src, args.out, args.model_config, args.hf_text_dir)
     print(f"wrote {args.out}")
 
 

@@ -645,3 +645,86 @@ def test_imagenet_zero_shot_equals_open_clip_protocol(tmp_path):
         batch_size=4,
     )
     assert from_tfds["num_images"] == 6 and from_tfds["top1"] == pytest.approx(top1)
+
+
+@pytest.mark.parity
+def test_biomedclip_architecture_equals_open_clip(tmp_path):
+    """BiomedCLIP's architecture at small size, random: open_clip's CustomTextCLIP with a timm ViT
+    image tower (token pool, linear head) and an HF BERT text tower (CLS pooling, MLP
+    projection). Converted with the hub-style open_clip_config.json and a local text directory,
+    our image and text embeddings equal open_clip's within 1e-4 and the tokenizer gives
+    open_clip's HFTokenizer ids."""
+    torch = require_peer("torch")
+    require_peer("timm")
+    import shutil
+
+    from open_clip.model import CustomTextCLIP
+    from open_clip.tokenizer import HFTokenizer
+    from transformers import BertConfig
+
+    from region_medclip import convert
+
+    text_dir = tmp_path / "biomedbert"
+    BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    ).save_pretrained(text_dir)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm_dir(), name), text_dir)
+    vision_cfg = dict(
+        timm_model_name="vit_tiny_patch16_224",
+        timm_model_pretrained=False,
+        timm_pool="",
+        timm_proj="linear",
+        image_size=224,
+    )
+    text_cfg = dict(
+        hf_model_name="microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+        hf_tokenizer_name="microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+        hf_proj_type="mlp",
+        hf_pooler_type="cls_last_hidden_state_pooler",
+        context_length=64,
+    )
+    config_file = tmp_path / "open_clip_config.json"
+    config_file.write_text(
+        json.dumps(dict(model_cfg=dict(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg)))
+    )
+    local_text_cfg = {**text_cfg, "hf_model_name": str(text_dir), "hf_model_pretrained": False}
+    torch.manual_seed(0)
+    reference = CustomTextCLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=local_text_cfg).eval()
+    # Random LayerNorms and biases: an identity LayerNorm or a zero bias would hide a swap.
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "norm" in name.lower() or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+
+    stored = convert.convert_open_clip(
+        str(tmp_path / "open_clip_pytorch_model.bin"),
+        str(tmp_path / "out"),
+        str(config_file),
+        hf_text_dir=str(text_dir),
+    )
+    assert stored["model"]["text"]["kind"] == "bert" and stored["data"]["text_len"] == 64
+    model = region_medclip.load(str(tmp_path / "out"))
+
+    images = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
+    texts = ["Right lower lobe consolidation.", "No pneumothorax; heart size is normal."]
+    ids = model.tokenizer(texts, 64)
+    expected_ids = HFTokenizer(str(text_dir), context_length=64)(texts).numpy()
+    np.testing.assert_array_equal(ids, expected_ids)
+    with torch.no_grad():
+        zimg = reference.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2), normalize=True)
+        ztxt = reference.encode_text(torch.from_numpy(expected_ids), normalize=True)
+    np.testing.assert_allclose(model.encode_image(images), zimg.numpy(), atol=1e-4)
+    np.testing.assert_allclose(model.encode_text(texts), ztxt.numpy(), atol=1e-4)
+
+    # Without a local text directory the error says what to pass.
+    with pytest.raises(FileNotFoundError, match="hf_text_dir"):
+        convert.convert_open_clip(
+            str(tmp_path / "open_clip_pytorch_model.bin"), str(tmp_path / "x"), str(config_file)
+        )

@@ -135,6 +135,9 @@ class BertText(nn.Module):
     pad_id: int = 0
     act: str = "gelu"
     ln_eps: float = 1e-12
+    # > 0: the projection is an MLP, Dense(proj_hidden) → GELU → Dense(embed_dim), both bias-free
+    # (open_clip's hf_proj_type="mlp", BiomedCLIP's); 0: one bias-free Dense.
+    proj_hidden: int = 0
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -198,6 +201,9 @@ class BertText(nn.Module):
             weights = attention_mask.astype(x.dtype)[..., None]
             # max(·, 1) keeps an all-padding row finite (it pools to zero).
             pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+        if self.proj_hidden:
+            pooled = layers.projection(self.proj_hidden, "proj_hidden", **kw)(pooled)
+            pooled = layers.activation("gelu")(pooled)
         pooled = layers.projection(self.embed_dim, "proj", **kw)(pooled)
         return pooled, x
 

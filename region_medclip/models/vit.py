@@ -67,11 +67,14 @@ class ViT(nn.Module):
 
     Patch embedding (conv without bias), optional class token, learned positional embedding,
     ``ln_pre``, pre-LN blocks, ``ln_post`` and a bias-free projection ``W_i [width, embed_dim]``.
+    ``patch_bias=True, ln_pre=False, ln_eps=1e-6`` is timm's ViT (BiomedCLIP's image tower).
 
     Attributes:
       embed_dim: joint embedding size D.
       pool: ``cls`` (class token), ``gap`` (mean of patch tokens) or ``map`` (attention pooling).
       class_token: whether to prepend a class token (required for ``pool="cls"``).
+      patch_bias: a bias in the patch embedding (timm has one, CLIP does not).
+      ln_pre: the LayerNorm after the positional embedding (CLIP has one, timm does not).
     """
 
     width: int
@@ -82,6 +85,8 @@ class ViT(nn.Module):
     embed_dim: int
     pool: str = "cls"
     class_token: bool = True
+    patch_bias: bool = False
+    ln_pre: bool = True
     act: str = "gelu"
     ln_eps: float = layers.CLIP_LN_EPS
     remat: bool = False
@@ -113,7 +118,7 @@ class ViT(nn.Module):
             (self.patch, self.patch),
             strides=(self.patch, self.patch),
             padding="VALID",
-            use_bias=False,
+            use_bias=self.patch_bias,
             kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
             name="patch_embed",
             **kw,
@@ -138,7 +143,8 @@ class ViT(nn.Module):
             self.param_dtype,
         )
         x = x + pos.astype(x.dtype)[None]
-        x = layers.layer_norm("ln_pre", eps=self.ln_eps, **kw)(x)
+        if self.ln_pre:
+            x = layers.layer_norm("ln_pre", eps=self.ln_eps, **kw)(x)
         x = layers.PreLNEncoder(
             depth=self.depth,
             heads=self.heads,
