@@ -1,4 +1,5 @@
-"""Benchmarks, not tests: `python -m region_medclip.bench losses|data|train|compare [--out=JSON]`.
+"""Benchmarks, not tests: `python -m region_medclip.bench losses|data|train|compare|profile
+[--out=JSON]`.
 
 `losses` measures the time of one forward + backward pass and XLA's peak memory per device of the
 global losses on 8 simulated CPU devices, as the global batch grows (at D = 8) and as the number of
@@ -9,7 +10,8 @@ machine's memory; such sizes are compiled but not timed.
 
 `data` measures the train pipeline's examples/s; `train` the train step's examples/s and MFU
 (bench_train.py); `compare` the same CLIP train step in open_clip and here, examples/s of each,
-their ratio and our MFU (bench_compare.py).
+their ratio and our MFU (bench_compare.py); `profile` where one config's train step spends its
+time, kernel by kernel, from a jax.profiler trace (bench_profile.py).
 """
 
 import os
@@ -284,6 +286,13 @@ def bench_compare(args):
     return dict(machine=machine, rows=rows), report
 
 
+def bench_profile(args):
+    """Kernel time of one config's train step by kind and per kernel (bench_profile.py)."""
+    from region_medclip import bench_profile as bench_profile_lib
+
+    return bench_profile_lib.bench_profile(args, _markdown)
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -300,6 +309,7 @@ SUBCOMMANDS = {
     "data": bench_data,
     "train": bench_train,
     "compare": bench_compare,
+    "profile": bench_profile,
 }
 
 
@@ -340,6 +350,15 @@ def _parser():
         help="subset of: tiny_roi, vitb16_roi:runlocal",
     )
     compare_args.add_argument("--compare_batch", type=int, default=0, help="0: the config's")
+    profile_args = parser.add_argument_group("profile")
+    profile_args.add_argument(
+        "--profile_config", default="tiny_roi", help="tiny_roi or vitb16_roi:runlocal"
+    )
+    profile_args.add_argument("--profile_batch", type=int, default=0, help="0: the config's")
+    profile_args.add_argument("--profile_steps", type=int, default=3, help="traced steps")
+    profile_args.add_argument(
+        "--profile_dir", default="/tmp/region_medclip_profile", help="where the trace is kept"
+    )
     return parser
 
 
