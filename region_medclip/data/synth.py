@@ -102,10 +102,12 @@ def draw_finding(canvas, u, v, lungs, anatomy, rng, name, side, zone) -> Finding
     if name in ("nodule", "mass"):
         center = _point_in_zone(rng, anatomy, s, z)
         big = name == "mass"
-        radius = rng.uniform(0.045, 0.07) if big else rng.uniform(0.017, 0.03)
-        severity = "large" if big and radius > 0.06 else ("small" if radius < 0.023 else "")
+        # Sizes are in image fractions: at 128 px a nodule is 7-11 px across and a mass 14-20,
+        # so both stay resolvable by a 16-px-patch ViT at the embedded default's resolution.
+        radius = rng.uniform(0.055, 0.08) if big else rng.uniform(0.028, 0.042)
+        severity = "large" if big and radius > 0.07 else ("small" if radius < 0.033 else "")
         shape = render.blob(u, v, center, radius, rng, irregular=0.18 if big else 0.0)
-        canvas += rng.uniform(0.3, 0.42) * shape
+        canvas += rng.uniform(0.36, 0.46) * shape
         pad = radius * 1.15
         box = (center[0] - pad, center[1] - pad, center[0] + pad, center[1] + pad)
     elif name == "consolidation":
@@ -118,18 +120,18 @@ def draw_finding(canvas, u, v, lungs, anatomy, rng, name, side, zone) -> Finding
         texture = 0.75 + 0.25 * render.smooth(rng.random(canvas.shape), passes=2)
         patch = render.smooth(patch, passes=2) * lungs * texture
         severity = "dense" if rng.random() < 0.5 else "patchy"
-        canvas += (0.34 if severity == "dense" else 0.26) * patch
+        canvas += (0.42 if severity == "dense" else 0.32) * patch
         box = _mask_box(patch)
     elif name == "atelectasis":
         center = _point_in_zone(rng, anatomy, s, z)
         angle = rng.uniform(-0.35, 0.35)
-        half = rng.uniform(0.05, 0.08)
+        half = rng.uniform(0.06, 0.09)
         du, dv = u - center[0], v - center[1]
         along = du * np.cos(angle) + dv * np.sin(angle)
         across = -du * np.sin(angle) + dv * np.cos(angle)
-        thick = rng.uniform(0.007, 0.012)
+        thick = rng.uniform(0.012, 0.018)  # 1.5-2.3 px at 128 px: a visible plate
         band = np.exp(-((across / thick) ** 2)) * np.clip((half - np.abs(along)) * 60, 0, 1)
-        canvas += 0.32 * band * lungs
+        canvas += 0.36 * band * lungs
         severity = str(rng.choice(["linear", "plate-like", "subsegmental"]))
         eu, ev = abs(np.cos(angle)) * half, abs(np.sin(angle)) * half
         box = (
@@ -152,7 +154,7 @@ def draw_finding(canvas, u, v, lungs, anatomy, rng, name, side, zone) -> Finding
     elif name == "pneumothorax":
         lung = render.lung_mask(u, v, anatomy, s)
         (cu, cv), (ru, rv) = anatomy.lung_centers[s], anatomy.lung_radii[s]
-        depth = rng.uniform(0.25, 0.45)
+        depth = rng.uniform(0.3, 0.5)
         # The collapsed lung edge (visceral pleura) is a smaller ellipse anchored at the hilum.
         shift = ru * depth * (1 if side == "left" else -1)
         inner = ((u - cu + shift * 0.5) / (ru * (1 - depth))) ** 2 + (
@@ -160,8 +162,8 @@ def draw_finding(canvas, u, v, lungs, anatomy, rng, name, side, zone) -> Finding
         ) ** 2
         air = lung * np.clip((inner - 1.0) * 4.0, 0, 1) * (v < cv + 0.05)
         line = lung * np.exp(-(((inner - 1.0) / 0.06) ** 2)) * (v < cv)
-        canvas[:] = canvas * (1 - air) + air * 0.07 + 0.15 * line
-        severity = "small" if depth < 0.32 else "large"
+        canvas[:] = canvas * (1 - air) + air * 0.05 + 0.2 * line
+        severity = "small" if depth < 0.38 else "large"
         box = _mask_box(air)
     elif name == "cardiomegaly":
         # Drawn by render_heart with enlarged radii; the box is the heart's bounds.

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import sys
 from functools import partial
+from typing import ClassVar
 
 import tensorflow_datasets as tfds
 
@@ -58,7 +59,13 @@ class SynthCxr(tfds.core.GeneratorBasedBuilder):
     """Synthetic chest radiographs with findings, boxes, captions and reports."""
 
     name = "synth_cxr"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    # A new version makes TFDS build anew instead of reading films cached under the old one.
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "First release.",
+        "1.1.0": "Larger nodules and masses, thicker atelectasis, denser consolidation, deeper"
+        " pneumothorax.",
+    }
     BUILDER_CONFIGS = [make_config(128), make_config(224)]
 
     def _info(self) -> tfds.core.DatasetInfo:
