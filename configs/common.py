@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 256
     c.data.workers = 0
     c.data.augment = True
+    # Probability that a training report is cut to a random subset of its sentences.
+    c.data.report_sentences = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4

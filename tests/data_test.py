@@ -8,7 +8,15 @@ from PIL import Image
 
 from configs import tiny_roi
 from conftest import require_peer
-from region_medclip.data import negatives, pipeline, schema, synth, synth_text, tokenizers
+from region_medclip.data import (
+    negatives,
+    pipeline,
+    schema,
+    synth,
+    synth_text,
+    tokenizers,
+    transforms,
+)
 from region_medclip.data.builders import synth_cxr
 
 
@@ -211,6 +219,55 @@ def test_augmentation_keeps_boxes_in_frame():
     for batch in batches:
         valid = batch["boxes"][batch["roi_mask"]]
         assert ((valid >= 0) & (valid <= 1)).all()
+
+
+def test_report_sentences_drop_section_headers():
+    report = "FINDINGS: There is a nodule. No pneumothorax! IMPRESSION: Right upper nodule."
+    assert transforms.report_sentences(report) == [
+        "There is a nodule.",
+        "No pneumothorax!",
+        "Right upper nodule.",
+    ]
+    assert transforms.report_sentences("FINDINGS: ") == []
+
+
+def test_sample_sentences_keeps_an_ordered_nonempty_subset():
+    report = "FINDINGS: A. B. C. D. IMPRESSION: E."
+    sentences = transforms.report_sentences(report)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        out = transforms.SampleSentences(p=1.0).random_map({"report": report}, rng)["report"]
+        kept = out.split(" ")
+        assert kept and kept == [s for s in sentences if s in kept]  # a subset, in order
+        seen.add(out)
+    assert len(seen) > 10  # many different subsets, not one fixed cut
+    same = transforms.SampleSentences(p=0.0).random_map({"report": report}, rng)
+    assert same["report"] == report
+    one = {"report": "FINDINGS: Lungs are clear."}  # nothing to choose from
+    assert transforms.SampleSentences(p=1.0).random_map(one, rng) == one
+
+
+def test_report_sentences_config_shortens_training_reports_only():
+    records = _records()
+    tok = tokenizers.from_config(_config())
+    full = {tuple(tok([r["report"]], 32)[0]) for r in records}
+
+    def reports(train, p):
+        ds = pipeline.make_dataset(
+            _config(report_sentences=p),
+            split="x",
+            train=train,
+            seed=0,
+            batch_size=4,
+            records=records,
+        )
+        it = pipeline.BatchIterator(ds)
+        return [tuple(row) for _ in range(3) for row in next(it)["texts"]]
+
+    assert all(r in full for r in reports(train=True, p=0.0))
+    assert all(r in full for r in reports(train=False, p=1.0))  # evaluation sees whole reports
+    assert sum(r not in full for r in reports(train=True, p=1.0)) >= 6
 
 
 @pytest.mark.parity

@@ -130,6 +130,8 @@ def make_dataset(
     ds = ds.map(transforms.ResizePad(data_config.image_size))
     if train and data_config.augment:
         ds = ds.random_map(transforms.Augment())
+    if train and data_config.get("report_sentences", 0.0) > 0:
+        ds = ds.random_map(transforms.SampleSentences(p=data_config.report_sentences))
     ds = ds.map(
         transforms.Finalize(
             tokenizer=tokenizer,

@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import math
+import re
 
 import grain
 import numpy as np
@@ -145,6 +146,45 @@ class Augment(grain.transforms.RandomMap):
         pixels = (pixels - pixels.mean()) * gain + pixels.mean() + shift
         example = {**example, "image": np.clip(pixels, 0, 255).astype(np.uint8)}
         return _move_boxes(example, forward, size, self.min_visible)
+
+
+# "FINDINGS:", "IMPRESSION:", "COMPARISON:" ...: an upper-case section header ends at its colon.
+_SECTION = re.compile(r"\b[A-Z][A-Z /]+:\s*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def report_sentences(report: str) -> list[str]:
+    """The sentences of a report, section headers removed, in order (``[]`` for no text)."""
+    text = _SECTION.sub(" ", report)
+    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+
+
+@dataclasses.dataclass
+class SampleSentences(grain.transforms.RandomMap):
+    """Text augmentation: with probability ``p`` the report is replaced by a random non-empty
+    subset of its sentences, in their order (ConVIRT samples single sentences; a subset keeps
+    some whole-report pairs too). Every subset is still true of the image, and the text tower
+    sees the short, single-statement form that zero-shot prompts ("No pneumothorax.") take.
+
+    ``keep`` is each sentence's chance of staying; a report of one sentence is left as it is.
+    """
+
+    p: float = 0.5
+    keep: float = 0.5
+
+    def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+        if "_skip" in example or rng.random() >= self.p:
+            return example
+        sentences = report_sentences(str(example["report"]))
+        if len(sentences) < 2:
+            return example
+        chosen = rng.random(len(sentences)) < self.keep
+        if not chosen.any():
+            chosen[rng.integers(len(sentences))] = True
+        return {
+            **example,
+            "report": " ".join(s for s, c in zip(sentences, chosen, strict=True) if c),
+        }
 
 
 def _move_boxes(example: dict, forward: np.ndarray, size: int, min_visible: float) -> dict:
