@@ -127,6 +127,36 @@ def test_grounding_metrics():
     assert grounding.iou_at_threshold(heat, mask, 0.2) == pytest.approx(1.0)
 
 
+def test_pointing_game_tolerance():
+    mask = grounding.boxes_mask(np.array([[13, 4, 20, 9]]), 32, 32)  # x 13..19, y 4..8
+    heat = np.zeros((32, 32))
+    heat[6, 10] = 1.0  # 3 px left of the box's first column, level with it
+    assert grounding.pointing_game(heat, mask) == 0.0
+    assert grounding.pointing_game(heat, mask, tolerance=3.0) == 1.0
+    assert grounding.pointing_game(heat, mask, tolerance=2.9) == 0.0
+    heat[6, 10], heat[12, 10] = 0.0, 1.0  # 3 px left of and 4 px below the corner (13, 8): 5 px
+    assert grounding.pointing_game(heat, mask, tolerance=5.0) == 1.0
+    assert grounding.pointing_game(heat, mask, tolerance=4.9) == 0.0
+    assert grounding.pointing_game(heat, np.zeros_like(mask), tolerance=5.0) == 0.0
+
+
+def test_a_box_between_patch_centres_needs_the_tolerance():
+    from region_medclip.evaluators import run
+
+    # 3 × 3 cells on a 24-px image, cell centres at 4, 12 and 20 px. A perfect map peaks at the
+    # middle cell (pixels 11-12), but the thin box (rows 14-15) holds no cell centre.
+    emb = dict(
+        images=np.zeros((1, 24, 24)),
+        zpatch=np.eye(9)[None],
+        zcap=np.eye(9)[None, [4]],
+        boxes=np.array([[[8 / 24, 14 / 24, 16 / 24, 16 / 24]]]),
+        roi_mask=np.array([[True]]),
+    )
+    out = run.grounding_metrics(emb, grid=3, threshold=0.5, tolerance=3.0)
+    assert out["pointing_game"] == 0.0 and out["pointing_game@3px"] == 1.0
+    assert "pointing_game@3px" not in run.grounding_metrics(emb, grid=3, threshold=0.5)
+
+
 def test_upsample_is_bilinear_and_keeps_constants():
     np.testing.assert_allclose(grounding.upsample(np.full((2, 2), 3.0), 8, 8), 3.0)
     up = grounding.upsample(np.array([[0.0, 1.0]]), 1, 4)

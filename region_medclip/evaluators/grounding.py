@@ -43,9 +43,23 @@ def cnr(heatmap: np.ndarray, mask: np.ndarray) -> float:
     return float((inside.mean() - outside.mean()) / max(denominator, 1e-12))
 
 
-def pointing_game(heatmap: np.ndarray, mask: np.ndarray) -> float:
-    """1.0 if the heatmap's maximum (the first, in row-major order) falls inside ``mask``."""
-    return float(mask.reshape(-1)[np.argmax(heatmap)])
+def pointing_game(heatmap: np.ndarray, mask: np.ndarray, tolerance: float = 0.0) -> float:
+    """1.0 if the heatmap's maximum (the first, in row-major order) falls inside ``mask``, or
+    within ``tolerance`` pixels of it (Euclidean, between pixel centres), else 0.0.
+
+    Zhang et al.'s pointing game ("Top-down neural attention by excitation backprop", 2016)
+    allows 15 px at ~224 px. It matters for patch-level heatmaps: the maximum of a bilinearly
+    upsampled ``[h, w]`` map sits at a patch centre, so with ``tolerance=0`` a box that holds no
+    patch centre can never be hit, however good the map.
+    """
+    index = int(np.argmax(heatmap))
+    if tolerance <= 0:
+        return float(mask.reshape(-1)[index])
+    y, x = divmod(index, heatmap.shape[1])
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return 0.0
+    return float(np.min((ys - y) ** 2 + (xs - x) ** 2) <= tolerance**2)
 
 
 def iou_at_threshold(heatmap: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:

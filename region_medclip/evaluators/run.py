@@ -36,6 +36,7 @@ DEFAULTS = dict(
     prompts="templates",
     bootstrap=1000,
     threshold=0.5,
+    tolerance=0.0,  # grounding: pointing-game tolerance in pixels (0: the maximum in the box)
 )
 
 
@@ -83,11 +84,18 @@ def patch_grid(model, config) -> int:
     return int(shapes.shape[1])
 
 
-def grounding_metrics(emb: dict[str, np.ndarray], grid: int, threshold: float) -> dict[str, float]:
+def grounding_metrics(
+    emb: dict[str, np.ndarray], grid: int, threshold: float, tolerance: float = 0.0
+) -> dict[str, float]:
     """Each valid ROI's caption as the phrase: heatmap of its similarity to every patch cell,
-    upsampled to the image; CNR, pointing game and IoU of the thresholded map with the box."""
+    upsampled to the image; CNR, pointing game and IoU of the thresholded map with the box.
+    With ``tolerance > 0`` (pixels) the pointing game is also reported with that tolerance, as
+    ``pointing_game@<tolerance>px``."""
     size = emb["images"].shape[1]
     scores = {"cnr": [], "pointing_game": [], f"miou@{threshold}": []}
+    tolerant = f"pointing_game@{tolerance:g}px"
+    if tolerance > 0:
+        scores[tolerant] = []
     for i, r in zip(*np.nonzero(emb["roi_mask"]), strict=True):
         heat = (emb["zpatch"][i] @ emb["zcap"][i, r]).reshape(grid, grid)
         heat = grounding.upsample(heat, size, size)
@@ -96,6 +104,8 @@ def grounding_metrics(emb: dict[str, np.ndarray], grid: int, threshold: float) -
             continue
         scores["cnr"].append(grounding.cnr(heat, mask))
         scores["pointing_game"].append(grounding.pointing_game(heat, mask))
+        if tolerance > 0:
+            scores[tolerant].append(grounding.pointing_game(heat, mask, tolerance))
         scores[f"miou@{threshold}"].append(grounding.iou_at_threshold(heat, mask, threshold))
     out = {k: float(np.nanmean(v)) if v else float("nan") for k, v in scores.items()}
     out["phrases"] = float(len(scores["cnr"]))
@@ -157,7 +167,7 @@ def evaluate(
                 emb["zroi"], emb["zcap"], emb["roi_mask"]
             )
         elif kind == "grounding":
-            out = grounding_metrics(emb, grid, cfg["threshold"])
+            out = grounding_metrics(emb, grid, cfg["threshold"], cfg["tolerance"])
         else:
             out = {"gap": modality_gap.modality_gap(emb["zimg"], emb["ztxt"])}
         out["examples"] = float(len(emb["zimg"]))
