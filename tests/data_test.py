@@ -29,10 +29,11 @@ def test_synth_is_deterministic_and_consistent():
         r = synth.render_record(i, size=64)
         assert r["image"].shape == (64, 64) and r["image"].dtype == np.uint8
         assert r["report"].startswith("FINDINGS:") and " IMPRESSION: " in r["report"]
-        assert len(r["box_captions"]) == len(r["boxes"]) == len(r["box_labels"]) <= 3
+        assert len(r["box_captions"]) == len(r["boxes"]) == len(r["box_labels"]) == 3
+        found = [label for label in r["box_labels"] if label != 0]
         expected = np.zeros(len(synth.LABELS), np.float32)
-        expected[r["box_labels"]] = 1.0
-        if not len(r["boxes"]):
+        expected[found] = 1.0
+        if not found:
             expected[0] = 1.0
         np.testing.assert_array_equal(r["labels"], expected)
         assert (r["boxes"][:, 2:] > r["boxes"][:, :2]).all()
@@ -59,6 +60,23 @@ def test_synth_findings_have_their_location_words():
                 assert ("left" in caption) != ("right" in caption), caption
 
 
+def test_synth_clear_zone_boxes_follow_the_findings():
+    for i in range(60):
+        r = synth.render_record(i, size=64)
+        labels = list(r["box_labels"])
+        count = sum(label != 0 for label in labels)
+        # Findings first, then clear zones; the film, report and finding boxes are unchanged.
+        assert labels[:count] == [label for label in labels if label != 0]
+        assert all(label == 0 for label in labels[count:])
+        for caption in r["box_captions"][count:]:
+            assert ("clear" in caption or "normal" in caption) and "in the" not in caption
+        clear = r["boxes"][count:] / 64
+        for box in r["boxes"][:count] / 64:
+            for zone in clear:
+                assert synth._overlap(tuple(zone), tuple(box)) < 0.1, (i, r["box_captions"])
+        assert len({tuple(zone) for zone in clear}) == len(clear)  # distinct zones
+
+
 def test_synth_builder_roundtrip(tmp_path):
     builder = synth_cxr.ensure_built(str(tmp_path), size=32, num=40, seed=3)
     total = sum(split.num_examples for split in builder.info.splits.values())
@@ -83,6 +101,11 @@ def test_hard_negatives_rules():
     assert "small mass in the right upper zone" in negs  # confusable finding
     assert "no small nodule in the right upper zone" in negs  # negation
     assert negatives.hard_negatives(caption, 2) == negs[:2]
+    # A clear region's negation is an opacity at the same place; side and zone still swap.
+    clear = negatives.hard_negatives("right upper zone is clear", 8)
+    assert "opacity in the right upper zone" in clear
+    assert "left upper zone is clear" in clear and "right lower zone is clear" in clear
+    assert "opacity in the left base" in negatives.hard_negatives("clear left base", 8)
     for text in synth_text.corpus(num_reports=50):
         assert all(n.lower() != text.lower() for n in negatives.hard_negatives(text, 6))
 

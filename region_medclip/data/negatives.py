@@ -3,7 +3,8 @@
 A hard negative changes exactly what a region embedding must get right: which side
 (laterality swap), which zone (upper ↔ lower), which finding (a swap within a group a reader could
 confuse: nodule ↔ mass, effusion ↔ consolidation ↔ atelectasis, ...), or whether it is there at
-all (negation). Perturbations are deterministic and never equal the positive caption.
+all (negation; a clear region's opposite is an opacity there). Perturbations are deterministic
+and never equal the positive caption.
 """
 
 import hashlib
@@ -59,8 +60,16 @@ def _replace_words(caption: str, table: dict[str, tuple[str, ...] | str], choice
     return _WORD.sub(swap, caption)
 
 
+# A caption of a clear region: "clear right apex", "normal left base", "left mid zone is clear".
+_NORMAL = re.compile(r"^(?:(?:clear|normal) (?P<a>.+)|(?P<b>.+) is clear)$", re.I)
+
+
 def _negate(caption: str) -> str:
     text = caption.strip().rstrip(".")
+    normal = _NORMAL.match(text)
+    if normal:
+        # The opposite of a clear region is an abnormal one at the same place.
+        return f"opacity in the {(normal['a'] or normal['b']).lower()}"
     return f"no {text[0].lower()}{text[1:]}" if text else "no finding"
 
 

@@ -30,6 +30,12 @@ LOCATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "pneumothorax": tuple((s, "upper") for s in render.SIDES),
     "cardiomegaly": ((None, None),),
 }
+# The lung zones; a film's zones without findings get "clear" boxes (see render_record).
+NORMAL_ZONES = tuple((s, z) for s in render.SIDES for z in render.ZONES)
+# Boxes per film: its findings first, then clear lung zones until the film has this many. Normal
+# regions are what teach a region embedding that a finding is *there* (every finding box is
+# otherwise only contrasted with other findings), as Chest ImaGenome annotates normal anatomy.
+BOXES_PER_FILM = 3
 # Probability of 0, 1, 2, 3 findings on a film.
 NUM_FINDINGS_P = (0.25, 0.35, 0.25, 0.15)
 IMAGES_PER_PATIENT = 2  # films per patient on average (1–3)
@@ -85,6 +91,13 @@ def _mask_box(mask: np.ndarray, threshold: float = 0.3) -> tuple[float, float, f
     if not len(rows):
         return (0.0, 0.0, 0.0, 0.0)
     return (cols[0] / w, rows[0] / h, (cols[-1] + 1) / w, (rows[-1] + 1) / h)
+
+
+def _overlap(zone, box) -> float:
+    """Fraction of the area of ``zone`` (normalised xyxy) that ``box`` covers."""
+    w = max(0.0, min(zone[2], box[2]) - max(zone[0], box[0]))
+    h = max(0.0, min(zone[3], box[3]) - max(zone[1], box[1]))
+    return w * h / max((zone[2] - zone[0]) * (zone[3] - zone[1]), 1e-12)
 
 
 def _point_in_zone(rng, anatomy, side: int, zone: int, margin: float = 0.25):
@@ -203,7 +216,25 @@ def render_record(index: int, *, size: int = 128, seed: int = 0) -> schema.Recor
         labels[LABELS.index("no finding")] = 1.0
     report = text.report(findings, rng)
     captions = [text.caption(f, rng) for f in findings]
-    boxes = np.array([f.box for f in findings], np.float32).reshape(-1, 4) * size
+    box_list = [f.box for f in findings]
+    box_labels = [LABELS.index(f.name) for f in findings]
+    # Clear zones from a stream of their own: films, reports and finding captions are those of
+    # synth_cxr 1.1.0.
+    normal_rng = np.random.default_rng([seed, index, 2])
+    clear = []
+    for side, zone in NORMAL_ZONES:
+        box = render.zone_box(anatomy, render.SIDES.index(side), render.ZONES.index(zone))
+        box = tuple(float(np.clip(b, 0.0, 1.0)) for b in box)
+        # A zone is clear when no finding reaches into it (a pneumothorax or a large effusion
+        # spans more than its own zone; an enlarged heart overlaps the left lower zone).
+        if all(_overlap(box, f.box) < 0.1 for f in findings):
+            clear.append((side, zone, box))
+    for k in normal_rng.permutation(len(clear))[: max(0, BOXES_PER_FILM - len(findings))]:
+        side, zone, box = clear[k]
+        box_list.append(box)
+        captions.append(text.normal_caption(side, zone, normal_rng))
+        box_labels.append(LABELS.index("no finding"))
+    boxes = np.array(box_list, np.float32).reshape(-1, 4) * size
     return schema.make_record(
         image=image,
         report=report,
@@ -213,7 +244,7 @@ def render_record(index: int, *, size: int = 128, seed: int = 0) -> schema.Recor
         split=split_of(index, seed),
         boxes=boxes,
         box_captions=captions,
-        box_labels=[LABELS.index(f.name) for f in findings],
+        box_labels=box_labels,
     )
 
 

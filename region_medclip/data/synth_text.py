@@ -75,6 +75,15 @@ def caption(finding, rng: np.random.Generator) -> str:
     return f"{words} in the {location_phrase(finding.side, finding.zone, rng)}"
 
 
+# Captions of a lung zone without findings (Chest ImaGenome-style normal region annotations).
+NORMAL_CAPTIONS = ("{} is clear", "clear {}", "normal {}")
+
+
+def normal_caption(side: str, zone: str, rng: np.random.Generator) -> str:
+    """A caption of a clear lung zone, e.g. ``"right upper zone is clear"``."""
+    return _pick(NORMAL_CAPTIONS, rng).format(location_phrase(side, zone, rng))
+
+
 def _sentence(finding, rng: np.random.Generator) -> str:
     phrase = caption(finding, rng)
     if finding.name == "cardiomegaly":
@@ -147,8 +156,11 @@ def corpus(num_reports: int = 3000, seed: int = 0) -> list[str]:
             for name, side, zone in synth.choose_findings(rng)
         ]
         texts.append(report(findings, rng))
-        for finding in findings:
-            text = caption(finding, rng)
+        used = {(f.side, f.zone) for f in findings}
+        clear = [(s, z) for s, z in synth.NORMAL_ZONES if (s, z) not in used]
+        region_texts = [caption(f, rng) for f in findings]
+        region_texts += [normal_caption(s, z, rng) for s, z in clear[:2]]
+        for text in region_texts:
             texts.append(text)
             texts.extend(negatives.hard_negatives(text, 4))
     return texts

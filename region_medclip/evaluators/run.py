@@ -37,6 +37,7 @@ DEFAULTS = dict(
     bootstrap=1000,
     threshold=0.5,
     tolerance=0.0,  # grounding: pointing-game tolerance in pixels (0: the maximum in the box)
+    negatives="prompts",  # zero_shot: each finding's own negations, or "normal" study prompts
 )
 
 
@@ -66,6 +67,15 @@ def class_names(dataset: str) -> list[str]:
     return [n.lower() for n in LABEL_NAMES[dataset]]
 
 
+def _no_finding_label(dataset: str) -> int:
+    """Index of the "no finding" class of ``dataset`` (boxes with it are clear regions), or -1."""
+    try:
+        names = class_names(dataset)
+    except ValueError:
+        return -1
+    return names.index("no finding") if "no finding" in names else -1
+
+
 def patch_grid(model, config) -> int:
     """Side of the image tower's patch grid at ``config.data.image_size``."""
     size = config.data.image_size
@@ -84,19 +94,31 @@ def patch_grid(model, config) -> int:
     return int(shapes.shape[1])
 
 
+def phrase_mask(emb: dict[str, np.ndarray]) -> np.ndarray:
+    """``[N, R]`` the ROIs whose captions are grounded: valid boxes of a finding. Boxes of clear
+    regions (``box_labels`` 0 where the dataset's class 0 is "no finding", as in synth_cxr) are
+    not phrases to ground, as MS-CXR grounds findings only; ``emb["no_finding"]`` names that
+    label (-1: none)."""
+    keep = emb["roi_mask"].astype(bool)
+    no_finding = int(emb.get("no_finding", -1))
+    if no_finding >= 0:
+        keep = keep & (emb["box_labels"] != no_finding)
+    return keep
+
+
 def grounding_metrics(
     emb: dict[str, np.ndarray], grid: int, threshold: float, tolerance: float = 0.0
 ) -> dict[str, float]:
-    """Each valid ROI's caption as the phrase: heatmap of its similarity to every patch cell,
-    upsampled to the image; CNR, pointing game and IoU of the thresholded map with the box.
-    With ``tolerance > 0`` (pixels) the pointing game is also reported with that tolerance, as
-    ``pointing_game@<tolerance>px``."""
+    """Each finding ROI's caption (:func:`phrase_mask`) as the phrase: heatmap of its
+    similarity to every patch cell, upsampled to the image; CNR, pointing game and IoU of the
+    thresholded map with the box. With ``tolerance > 0`` (pixels) the pointing game is also
+    reported with that tolerance, as ``pointing_game@<tolerance>px``."""
     size = emb["images"].shape[1]
     scores = {"cnr": [], "pointing_game": [], f"miou@{threshold}": []}
     tolerant = f"pointing_game@{tolerance:g}px"
     if tolerance > 0:
         scores[tolerant] = []
-    for i, r in zip(*np.nonzero(emb["roi_mask"]), strict=True):
+    for i, r in zip(*np.nonzero(phrase_mask(emb)), strict=True):
         heat = (emb["zpatch"][i] @ emb["zcap"][i, r]).reshape(grid, grid)
         heat = grounding.upsample(heat, size, size)
         mask = grounding.boxes_mask(emb["boxes"][i, r][None] * size, size, size)
@@ -142,6 +164,7 @@ def evaluate(
                 grid=grid,
                 max_examples=cfg["max_examples"],
             )
+            cache[key]["no_finding"] = _no_finding_label(config.data.eval)
         emb = cache[key]
         kind = cfg["kind"]
         if kind == "zero_shot":
@@ -152,6 +175,7 @@ def evaluate(
                 encode=encode_fn(),
                 logit_scale=float(emb["logit_scale"]),
                 prompts=cfg["prompts"],
+                negatives=cfg["negatives"],
                 bootstrap=cfg["bootstrap"],
             )
         elif kind == "retrieval":
@@ -189,6 +213,7 @@ def plot(kind: str, emb: dict[str, np.ndarray], path: str, *, config, cfg, grid,
             encode=encode,
             logit_scale=float(emb["logit_scale"]),
             prompts=cfg["prompts"],
+            negatives=cfg["negatives"],
         )
         plots.plot_roc(probs, emb["labels"][:, findings], [names[c] for c in findings], path)
     elif kind == "retrieval":
@@ -218,7 +243,7 @@ def plot(kind: str, emb: dict[str, np.ndarray], path: str, *, config, cfg, grid,
 
 def _plot_grounding(emb, grid: int, path: str, tokenizer, count: int = 8) -> None:
     size = emb["images"].shape[1]
-    picks = list(zip(*np.nonzero(emb["roi_mask"]), strict=True))[:count]
+    picks = list(zip(*np.nonzero(phrase_mask(emb)), strict=True))[:count]
     images, heats, boxes = [], [], []
     for i, r in picks:
         heat = (emb["zpatch"][i] @ emb["zcap"][i, r]).reshape(grid, grid)
@@ -252,10 +277,12 @@ def write(workdir: str, step: int, results: dict[str, dict], tb=None) -> str:
 
 def table(step: int, results: dict[str, dict]) -> str:
     """A plain-text table of the headline numbers (bootstrap bounds and per-class rows left out)."""
-    lines = [f"evaluation at step {step}", f"{'evaluator':<14}{'metric':<28}{'value':>10}"]
+    # The name column fits the longest evaluator name, so no name runs into its metric.
+    width = max([14, *(len(name) + 2 for name in results)])
+    lines = [f"evaluation at step {step}", f"{'evaluator':<{width}}{'metric':<28}{'value':>10}"]
     for name, out in results.items():
         for key, value in out.items():
             if "/ci_" in key or key.startswith("auroc/"):
                 continue
-            lines.append(f"{name:<14}{key:<28}{value:>10.4f}")
+            lines.append(f"{name:<{width}}{key:<28}{value:>10.4f}")
     return "\n".join(lines)

@@ -59,12 +59,15 @@ class SynthCxr(tfds.core.GeneratorBasedBuilder):
     """Synthetic chest radiographs with findings, boxes, captions and reports."""
 
     name = "synth_cxr"
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     # A new version makes TFDS build anew instead of reading films cached under the old one.
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "First release.",
         "1.1.0": "Larger nodules and masses, thicker atelectasis, denser consolidation, deeper"
         " pneumothorax.",
+        "1.2.0": "Boxes of clear lung zones (captions such as 'right upper zone is clear', box"
+        " label 'no finding') fill every film up to three boxes; films and reports are those of"
+        " 1.1.0.",
     }
     BUILDER_CONFIGS = [make_config(128), make_config(224)]
 
