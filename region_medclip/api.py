@@ -73,16 +73,24 @@ class Model:
             texts = self.tokenizer(list(texts), self.text_len)
         return np.asarray(self._text(self.params, jnp.asarray(texts, jnp.int32)))
 
-    def zero_shot(self, images, labels: Sequence[str]) -> np.ndarray:
+    def zero_shot(self, images, labels: Sequence[str], negatives: str = "prompts") -> np.ndarray:
         """uint8 images and free-text finding names → ``[B, len(labels)]`` probabilities, each
-        from its positive vs negative prompt set (findings are not mutually exclusive)."""
+        from its positive prompt set against its negative one (``negatives="prompts"``: "No
+        {label}." templates) or against the normal-study prompts (``"normal"``); findings are
+        not mutually exclusive."""
+        if negatives not in zero_shot.NEGATIVE_SETS:
+            raise ValueError(f"negatives={negatives!r}; choose one of {zero_shot.NEGATIVE_SETS}")
         zimg = self.encode_image(self.preprocess(images))
         encode = embeddings.text_encoder(self.module, self.params, self.tokenizer, self.caption_len)
         labels = list(labels)
         zpos = zero_shot.class_embeddings(encode, zero_shot.template_prompts(labels))
-        zneg = zero_shot.class_embeddings(
-            encode, zero_shot.template_prompts(labels, zero_shot.NEGATIVE_TEMPLATES)
-        )
+        if negatives == "normal":
+            normal = zero_shot.class_embeddings(encode, [list(zero_shot.NORMAL_PROMPTS)])
+            zneg = np.repeat(normal, len(labels), axis=0)
+        else:
+            zneg = zero_shot.class_embeddings(
+                encode, zero_shot.template_prompts(labels, zero_shot.NEGATIVE_TEMPLATES)
+            )
         return zero_shot.positive_probability(zimg, zpos, zneg, self.logit_scale)
 
     def ground(self, image, phrase: str) -> np.ndarray:

@@ -13,6 +13,12 @@ _IMAGE = flags.DEFINE_string("image", None, "Image file (PNG/JPEG).")
 _LABELS = flags.DEFINE_list("labels", [], "Comma-separated finding names.")
 _PHRASE = flags.DEFINE_string("phrase", None, "Phrase to ground.")
 _OUT = flags.DEFINE_string("out", "grounding.png", "Where the grounding heatmap PNG goes.")
+_NEGATIVES = flags.DEFINE_enum(
+    "negatives",
+    "prompts",
+    ["prompts", "normal"],
+    "What each label is weighed against: its 'No {label}.' prompts, or normal-study prompts.",
+)
 
 
 def overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
@@ -36,7 +42,7 @@ def main(argv):
         raise app.UsageError(f"--image={_IMAGE.value}: cannot read it ({err})") from err
     model = region_medclip.load(_WORKDIR.value)
     if _LABELS.value:
-        probs = model.zero_shot(image, _LABELS.value)[0]
+        probs = model.zero_shot(image, _LABELS.value, negatives=_NEGATIVES.value)[0]
         for label, p in zip(_LABELS.value, probs, strict=True):
             print(f"{label:<30}{p:.4f}")
     if _PHRASE.value:

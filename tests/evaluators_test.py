@@ -187,6 +187,13 @@ def test_grounding_on_an_oracle_heatmap():
     emb["zcap"] = e[None, [3, 0]]  # phrases swapped: both point to the other corner
     out = run.grounding_metrics(emb, grid=2, threshold=0.5)
     assert out["pointing_game"] == 0.0 and out["cnr"] < 0
+    # A clear-region box (label "no finding") is not a phrase to ground: only ROI 0 is scored.
+    emb["zcap"] = e[None, [0, 0]]
+    emb["box_labels"], emb["no_finding"] = np.array([[3, 0]]), 0
+    out = run.grounding_metrics(emb, grid=2, threshold=0.5)
+    assert out["phrases"] == 1 and out["pointing_game"] == 1.0
+    emb["no_finding"] = -1  # a dataset without that class grounds every box
+    assert run.grounding_metrics(emb, grid=2, threshold=0.5)["phrases"] == 2
 
 
 def test_zero_shot_with_an_oracle_text_encoder():
@@ -343,6 +350,12 @@ def test_load_api_and_predict_cli(tmp_path):
     np.testing.assert_allclose(model.encode_text(ids), t[:1], atol=1e-6)  # batch of 1 vs 2
     probs = model.zero_shot(np.stack([record["image"]] * 2), ["nodule", "pleural effusion"])
     assert probs.shape == (2, 2) and ((probs > 0) & (probs < 1)).all()
+    # Against the normal-study prompts: the same positive prompts, one shared reference.
+    normal = model.zero_shot(record["image"], ["nodule", "pleural effusion"], negatives="normal")
+    assert normal.shape == (1, 2) and ((normal > 0) & (normal < 1)).all()
+    assert not np.allclose(normal, probs[:1])
+    with pytest.raises(ValueError, match="negatives"):
+        model.zero_shot(record["image"], ["nodule"], negatives="none")
     heat = model.ground(record["image"], "nodule in the right upper zone")
     assert heat.shape == (32, 32) and np.isfinite(heat).all()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -415,3 +428,38 @@ def test_plots_write_pngs(tmp_path):
     for name in ("roc", "recall", "ground", "p"):
         with Image.open(tmp_path / f"{name}.png") as image:
             assert image.format == "PNG"
+
+
+def test_normal_negatives_survive_an_encoder_blind_to_negation():
+    from region_medclip.evaluators import zero_shot
+
+    names = ["no finding", "nodule", "mass"]
+    directions = {"nodule": 0, "mass": 1}
+
+    def bag_of_words(texts):
+        # Reads finding words and ignores "no": "No nodule." embeds like "There is nodule.".
+        out = np.zeros((len(texts), 3))
+        for i, t in enumerate(texts):
+            hit = [d for w, d in directions.items() if w in t.lower()]
+            out[i, hit[0] if hit else 2] = 1.0
+        return out
+
+    labels = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1]], np.float32)
+    zimg = np.array([[0, 0, 1], [1, 0, 0.5], [0, 1, 0.5], [1, 1, 0.2]], float)
+    zimg /= np.linalg.norm(zimg, axis=1, keepdims=True)
+    kw = dict(zimg=zimg, labels=labels, class_names=names, encode=bag_of_words, bootstrap=20)
+    paired = zero_shot.evaluate(**kw, logit_scale=10.0)
+    normal = zero_shot.evaluate(**kw, logit_scale=10.0, negatives="normal")
+    assert paired["macro_auroc"] == 0.5  # positive and negative prompts embed alike: all ties
+    assert normal["auroc/nodule"] == 1.0 and normal["auroc/mass"] == 1.0
+    probs, _, _ = zero_shot.finding_probabilities(
+        zimg=zimg[:1],
+        class_names=names,
+        encode=bag_of_words,
+        logit_scale=10.0,
+        prompts="templates",
+        negatives="normal",
+    )
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(10.0)), rtol=1e-6)  # normal film: p ≈ 0
+    with pytest.raises(ValueError, match="negatives"):
+        zero_shot.evaluate(**kw, logit_scale=1.0, negatives="nope")

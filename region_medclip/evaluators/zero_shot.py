@@ -2,7 +2,8 @@
 
 - Class embeddings: the mean of the L2-normalised embeddings of a class's prompts (templates, or
   MedCLIP-style combinations of severity × finding × location), renormalised.
-- Multi-label findings (CheXzero-style): each finding has a positive and a negative prompt set;
+- Multi-label findings (CheXzero-style): each finding has a positive and a negative prompt set
+  (its own negations, or the normal-study prompts for every finding);
   ``p(finding) = softmax(t · [sim_pos, sim_neg])[0]`` per image. Per-class and macro AUROC with
   bootstrap 95% CIs, macro F1 at p ≥ 0.5.
 - Single-label: images with exactly one label (including "no finding") are classified among all
@@ -17,6 +18,16 @@ from region_medclip.evaluators import common
 POSITIVE_TEMPLATES = ("{}", "There is {}.", "FINDINGS: There is {}.", "IMPRESSION: {}.")
 NEGATIVE_TEMPLATES = ("No {}.", "There is no {}.", "FINDINGS: No {}.", "IMPRESSION: No {}.")
 PROMPT_SETS = ("templates", "combinatorial", "report")
+# How a normal study is reported: the reference of every finding with ``negatives="normal"``.
+NORMAL_PROMPTS = (
+    "The lungs are clear.",
+    "Lungs are clear bilaterally.",
+    "No acute cardiopulmonary process.",
+    "Normal chest radiograph.",
+    "FINDINGS: The lungs are clear. IMPRESSION: No acute cardiopulmonary process.",
+    "FINDINGS: Lungs are clear bilaterally. IMPRESSION: Normal chest radiograph.",
+)
+NEGATIVE_SETS = ("prompts", "normal")
 
 
 def class_embeddings(encode, prompts: list[list[str]]) -> np.ndarray:
@@ -88,14 +99,29 @@ def positive_probability(zimg, zpos, zneg, logit_scale: float) -> np.ndarray:
 
 
 def finding_probabilities(
-    *, zimg: np.ndarray, class_names: list[str], encode, logit_scale: float, prompts: str
+    *,
+    zimg: np.ndarray,
+    class_names: list[str],
+    encode,
+    logit_scale: float,
+    prompts: str,
+    negatives: str = "prompts",
 ) -> tuple[np.ndarray, list[int], np.ndarray]:
     """``p(finding | image)`` for the finding classes (names not starting with "no ").
+
+    ``negatives``: what each finding's positive prompts are weighed against: ``prompts``, its
+    own negative prompts ("No {finding}.", or the report's negations), CheXzero's pairs; or
+    ``normal``, the normal-study prompts (:data:`NORMAL_PROMPTS`) for every finding, as MedCLIP
+    weighs each class against "No Finding". A contrastively trained text tower sees the finding
+    word in both "There is X." and "No X.", and a small one trained briefly reads negation
+    poorly; a normal report shares no finding word with the positive prompt.
 
     Returns ``(probs [N, F], finding class indices [F], class embeddings [C, D])``.
     """
     if prompts not in PROMPT_SETS:
         raise ValueError(f"config.evals.*.prompts: {prompts!r} is not one of {PROMPT_SETS}")
+    if negatives not in NEGATIVE_SETS:
+        raise ValueError(f"config.evals.*.negatives: {negatives!r} is not one of {NEGATIVE_SETS}")
     findings = [c for c, name in enumerate(class_names) if not name.startswith("no ")]
     names = [class_names[c] for c in findings]
     if prompts == "report":
@@ -106,6 +132,8 @@ def finding_probabilities(
         make = combinatorial_prompts if prompts == "combinatorial" else template_prompts
         zcls = class_embeddings(encode, make(class_names))
         zneg = class_embeddings(encode, template_prompts(names, NEGATIVE_TEMPLATES))
+    if negatives == "normal":
+        zneg = np.repeat(class_embeddings(encode, [list(NORMAL_PROMPTS)]), len(findings), axis=0)
     return positive_probability(zimg, zcls[findings], zneg, logit_scale), findings, zcls
 
 
@@ -117,16 +145,23 @@ def evaluate(
     encode,
     logit_scale: float,
     prompts: str = "templates",
+    negatives: str = "prompts",
     bootstrap: int = 1000,
 ) -> dict[str, float]:
-    """All zero-shot metrics for images ``zimg [N, D]`` with multi-hot ``labels [N, C]``.
+    """All zero-shot metrics for images ``zimg [N, D]`` with multi-hot ``labels [N, C]``
+    (``prompts`` and ``negatives`` as in :func:`finding_probabilities`).
 
     Classes whose name starts with "no " (e.g. "no finding") have no negative prompt and are left
     out of the multi-label AUROC; they take part in single-label classification.
     """
     labels = np.asarray(labels)
     probs, findings, zcls = finding_probabilities(
-        zimg=zimg, class_names=class_names, encode=encode, logit_scale=logit_scale, prompts=prompts
+        zimg=zimg,
+        class_names=class_names,
+        encode=encode,
+        logit_scale=logit_scale,
+        prompts=prompts,
+        negatives=negatives,
     )
     names = [class_names[c] for c in findings]
     y = labels[:, findings]
