@@ -9,13 +9,23 @@ from region_medclip import config_lib
 
 def get_config(arg: str | None = None):
     """``arg``: ``res=`` image size, ``variant=`` ViT variant, ``steps=`` total steps,
-    ``text_from=`` a ``convert --format=hf_bert`` output to start the text tower from."""
-    args = config_lib.parse_arg(arg, res=128, variant="Ti/16", steps=800, text_from="")
+    ``text=bert|clip`` the text tower, ``text_from=`` a ``convert --format=hf_bert`` output to
+    start the text tower from."""
+    args = config_lib.parse_arg(arg, res=128, variant="Ti/16", steps=800, text="bert", text_from="")
     c = common.base_config()
-    c.model.image = dict(variant=args.variant, depth=4, pool="cls")
-    c.model.text = dict(
-        kind="clip", variant="Ti", vocab_size=4096, context_len=64, width=128, mlp_dim=512, heads=4
-    )
+    # Mean-pooled patch tokens: the global embedding is built from the same tokens the region
+    # losses train (a class token has to learn to gather them from the global loss alone).
+    c.model.image = dict(variant=args.variant, depth=4, pool="gap")
+    size = dict(vocab_size=4096, context_len=64, width=128, mlp_dim=512, heads=4, depth=4)
+    if args.text == "bert":
+        # Bidirectional and mean-pooled: every report token gets the global loss's gradient, and
+        # "No" sees the finding it negates. Trained from scratch it beat the causal, EOT-pooled
+        # CLIP tower of the same size on every global metric (image→report R@5 0.26 vs 0.16).
+        c.model.text = dict(kind="bert", variant="mu", pool="mean", **size)
+    elif args.text == "clip":
+        c.model.text = dict(kind="clip", variant="Ti", **size)
+    else:
+        raise ValueError(f"tiny_roi: text={args.text!r}; choose bert or clip")
     c.model.region = dict(roi_size=2, sampling_ratio=2, pool="mean", proj="shared")
     c.model.embed_dim = 128
 
@@ -42,6 +52,9 @@ def get_config(arg: str | None = None):
     c.loss.lambda_ = 0.0
     for kind in ("zero_shot", "retrieval", "regions", "grounding", "modality_gap"):
         c.evals[kind] = dict(kind=kind, max_examples=600, bootstrap=200)
+    # Each finding against the normal-study prompts; CheXzero's "No {finding}." pairs beside it.
+    c.evals.zero_shot.negatives = "normal"
+    c.evals.zero_shot_paired = dict(kind="zero_shot", max_examples=600, bootstrap=200)
     # Half a 16-px patch: the scale of Zhang et al.'s 15 px at ~224 px, at 128 px.
     c.evals.grounding.tolerance = 8.0
     if args.text_from:

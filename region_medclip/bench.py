@@ -257,10 +257,11 @@ def bench_compare(args):
     from region_medclip import bench_compare as compare_lib
     from region_medclip import bench_train as bench_train_lib
 
-    cases = {
-        "tiny_roi": tiny_roi.get_config(),
-        "vitb16_roi:runlocal": vitb16_roi.get_config("runlocal"),
-    }
+    # open_clip's architecture on both sides: the tiny recipe's towers at its sizes, with the CLIP
+    # text tower and the class-token pooling that open_clip's CLIP model has.
+    tiny = tiny_roi.get_config("text=clip")
+    tiny.model.image.pool = "cls"
+    cases = {"tiny_roi": tiny, "vitb16_roi:runlocal": vitb16_roi.get_config("runlocal")}
     names = args.compare_cases or list(cases)
     unknown = set(names) - set(cases)
     if unknown:

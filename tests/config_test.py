@@ -14,6 +14,7 @@ from region_medclip import config_lib, summary
     [
         (tiny_roi, None),
         (tiny_roi, "res=64,steps=10"),
+        (tiny_roi, "text=clip"),
         (vitb16_roi, None),
         (vitb16_roi, "runlocal,res=128"),
         (vitb16_roi, "text=bert,variant=S/16"),
