@@ -85,8 +85,7 @@ class Model:
         labels = list(labels)
         zpos = zero_shot.class_embeddings(encode, zero_shot.template_prompts(labels))
         if negatives == "normal":
-            normal = zero_shot.class_embeddings(encode, [list(zero_shot.NORMAL_PROMPTS)])
-            zneg = np.repeat(normal, len(labels), axis=0)
+            zneg = zero_shot.normal_embeddings(encode, len(labels))
         else:
             zneg = zero_shot.class_embeddings(
                 encode, zero_shot.template_prompts(labels, zero_shot.NEGATIVE_TEMPLATES)

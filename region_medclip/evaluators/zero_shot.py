@@ -91,6 +91,12 @@ def report_prompts(names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
     return positive, negative
 
 
+def normal_embeddings(encode, count: int) -> np.ndarray:
+    """``[count, D]``: the normal-study prompts' class embedding, the reference of each of
+    ``count`` findings with ``negatives="normal"``."""
+    return np.repeat(class_embeddings(encode, [list(NORMAL_PROMPTS)]), count, axis=0)
+
+
 def positive_probability(zimg, zpos, zneg, logit_scale: float) -> np.ndarray:
     """``zimg [N, D]``, ``zpos, zneg [C, D]`` → ``[N, C]`` probability of each finding from the
     two-way softmax between its positive and negative prompt embeddings."""
@@ -133,7 +139,7 @@ def finding_probabilities(
         zcls = class_embeddings(encode, make(class_names))
         zneg = class_embeddings(encode, template_prompts(names, NEGATIVE_TEMPLATES))
     if negatives == "normal":
-        zneg = np.repeat(class_embeddings(encode, [list(NORMAL_PROMPTS)]), len(findings), axis=0)
+        zneg = normal_embeddings(encode, len(findings))
     return positive_probability(zimg, zcls[findings], zneg, logit_scale), findings, zcls
 
 
