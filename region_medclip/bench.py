@@ -258,9 +258,10 @@ def bench_compare(args):
     from region_medclip import bench_train as bench_train_lib
 
     # open_clip's architecture on both sides: the tiny recipe's towers at its sizes, with the CLIP
-    # text tower and the class-token pooling that open_clip's CLIP model has.
+    # text tower, the linear patch embedding and the class-token pooling of open_clip's CLIP.
     tiny = tiny_roi.get_config("text=clip")
     tiny.model.image.pool = "cls"
+    tiny.model.image.stem = "patch"
     cases = {"tiny_roi": tiny, "vitb16_roi:runlocal": vitb16_roi.get_config("runlocal")}
     names = args.compare_cases or list(cases)
     unknown = set(names) - set(cases)

@@ -40,6 +40,8 @@ def open_clip_model(config):
     text = dict(config.model.text)
     if text.get("kind", "clip") != "clip":
         raise ValueError("bench compare needs config.model.text.kind='clip' (open_clip's tower)")
+    if image.get("stem", "patch") != "patch":
+        raise ValueError("bench compare needs config.model.image.stem='patch' (open_clip's)")
     width, depth, mlp_dim, heads = text_lib.CLIP_TEXT_VARIANTS[text["variant"]]
     text = {**dict(width=width, depth=depth, mlp_dim=mlp_dim, heads=heads), **text}
     quick = image.get("act", "gelu") == "quick_gelu"

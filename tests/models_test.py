@@ -71,6 +71,43 @@ def test_vit_pooling_runs_and_differs(pool):
         assert "map_head" in variables["params"]
 
 
+def test_space_to_depth_orders_each_cell_row_major():
+    x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
+    y = vit.space_to_depth(x, 2)
+    assert y.shape == (2, 2, 2, 12)
+    # Cell (1, 0) of image 1 holds pixels (2..3, 0..1), row by row, channels innermost.
+    want = np.concatenate([np.asarray(x[1, 2, 0:2]).ravel(), np.asarray(x[1, 3, 0:2]).ravel()])
+    np.testing.assert_array_equal(np.asarray(y[1, 1, 0]), want)
+
+
+@pytest.mark.parametrize("patch", [8, 16, 32])
+def test_hmlp_stem_tokens_see_only_their_own_patch(patch):
+    stem = vit.HMLPStem(width=32, patch=patch)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2 * patch, 3 * patch, 1)))
+    variables = stem.init(jax.random.key(0), images)
+    base = np.asarray(stem.apply(variables, images))
+    assert base.shape == (1, 2, 3, 32)
+    # A pixel of patch (1, 2), at a sub-cell position other than its first: only that token moves.
+    moved = np.asarray(stem.apply(variables, images.at[0, patch + 5, 2 * patch + 6, 0].add(3.0)))
+    changed = np.abs(moved - base).max(-1)[0] > 1e-6
+    assert changed.tolist() == [[False, False, False], [False, False, True]]
+
+
+def test_hmlp_stem_in_the_vit_and_bad_stems():
+    images = _inputs()[0]
+    model = vit.vit_from_variant("mu/16", embed_dim=16, pool="gap", stem="hmlp")
+    variables = model.init(jax.random.key(0), images)
+    assert "stem" in variables["params"] and "patch_embed" not in variables["params"]
+    pooled, tokens = jax.jit(model.apply)(variables, images)
+    assert pooled.shape == (2, 16) and tokens.shape == (2, 2, 2, 64)
+    with pytest.raises(ValueError, match="unknown stem"):
+        vit.vit_from_variant("mu/16", embed_dim=16, stem="conv").init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="stem='hmlp' needs a patch of 4"):
+        vit.vit_from_variant("mu/14", embed_dim=16, stem="hmlp").init(
+            jax.random.key(0), jnp.zeros((1, 28, 28, 3))
+        )
+
+
 def test_composite_outputs_are_normalised_and_masked():
     model = _tiny_model()
     images, tokens, boxes, mask = _inputs()

@@ -62,6 +62,54 @@ class MAPHead(nn.Module):
         return x[:, 0]
 
 
+def space_to_depth(x: jax.Array, k: int) -> jax.Array:
+    """``[B, H, W, C]`` → ``[B, H/k, W/k, k·k·C]``: each k×k cell's pixels, row-major."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // k, k, w // k, k, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // k, w // k, k * k * c)
+
+
+class HMLPStem(nn.Module):
+    """Hierarchical MLP patch embedding (Touvron et al. 2022, "Three things everyone should know
+    about vision transformers"): 4×4 pixel cells → ``width/4``, then 2×2 groups of those →
+    ``width/2`` → ``width`` (for patch 16), with GELU between. Cells never mix across patch
+    borders, so a token still sees only its own patch, but through a nonlinear map: CLIP's
+    linear projection of a 16×16 patch must learn a small bright blob separately at every
+    position inside it, where the 4×4 stage detects it wherever it falls.
+    """
+
+    width: int
+    patch: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """``images [B, H, W, C]`` → ``[B, H / patch, W / patch, width]``."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        stages = (self.patch // 4).bit_length() - 1
+        if self.patch < 4 or 4 << stages != self.patch or self.width % (1 << (stages + 1)):
+            raise ValueError(
+                f"stem='hmlp' needs a patch of 4·2^k and a width divisible by 2^(k+1), "
+                f"got patch {self.patch}, width {self.width}"
+            )
+        x = nn.Dense(self.width >> (stages + 1), use_bias=False, name="cell", **kw)(
+            space_to_depth(images, 4)
+        )
+        for i in range(stages):
+            # The tanh form of GELU: the exact (erf) one cost as much as all these matmuls.
+            x = nn.gelu(x, approximate=True)
+            x = nn.Dense(self.width >> (stages - 1 - i), use_bias=False, name=f"merge{i}", **kw)(
+                space_to_depth(x, 2)
+            )
+        return nn.Dense(
+            self.width,
+            kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, "embed")),
+            name="proj",
+            **kw,
+        )(nn.gelu(x, approximate=True))
+
+
 class ViT(nn.Module):
     """ViT image tower.
 
@@ -75,6 +123,8 @@ class ViT(nn.Module):
       class_token: whether to prepend a class token (required for ``pool="cls"``).
       patch_bias: a bias in the patch embedding (timm has one, CLIP does not).
       ln_pre: the LayerNorm after the positional embedding (CLIP has one, timm does not).
+      stem: ``patch`` (CLIP's linear patch projection) or ``hmlp`` (:class:`HMLPStem`; in no
+        CLIP or timm checkpoint).
     """
 
     width: int
@@ -87,6 +137,7 @@ class ViT(nn.Module):
     class_token: bool = True
     patch_bias: bool = False
     ln_pre: bool = True
+    stem: str = "patch"
     act: str = "gelu"
     ln_eps: float = layers.CLIP_LN_EPS
     remat: bool = False
@@ -111,18 +162,25 @@ class ViT(nn.Module):
         batch, height, width_px, _ = images.shape
         if height % self.patch or width_px % self.patch:
             raise ValueError(f"image {height}x{width_px} is not divisible by patch {self.patch}")
+        if self.stem not in ("patch", "hmlp"):
+            raise ValueError(f"unknown stem {self.stem!r}; choose patch or hmlp")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        x = nn.Conv(
-            self.width,
-            (self.patch, self.patch),
-            strides=(self.patch, self.patch),
-            padding="VALID",
-            use_bias=self.patch_bias,
-            kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-            name="patch_embed",
-            **kw,
-        )(images.astype(self.dtype))
+        if self.stem == "hmlp":
+            x = HMLPStem(self.width, self.patch, name="stem", **kw)(images.astype(self.dtype))
+        else:
+            x = nn.Conv(
+                self.width,
+                (self.patch, self.patch),
+                strides=(self.patch, self.patch),
+                padding="VALID",
+                use_bias=self.patch_bias,
+                kernel_init=layers.logical(
+                    nn.initializers.lecun_normal(), (None, None, None, "embed")
+                ),
+                name="patch_embed",
+                **kw,
+            )(images.astype(self.dtype))
         grid_h, grid_w = x.shape[1], x.shape[2]
         x = x.reshape(batch, grid_h * grid_w, self.width)
         num_prefix = 0
