@@ -7,6 +7,7 @@ input iterator's position, one JSON file per process, through grain's Orbax hand
 
 import json
 import logging
+import os
 from typing import Any
 
 import grain.checkpoint
@@ -39,11 +40,18 @@ class _FrozenIteratorState:
         pass
 
 
+def _path(path: str) -> epath.Path:
+    """``path`` as orbax takes it: a local relative path (``--workdir=runs/tiny``) made absolute,
+    which orbax requires; ``gs://`` and other URLs as they are."""
+    path = str(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 class Checkpointer:
     """Saves and restores (state, data iterator, config) under ``workdir/checkpoints``."""
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = _path(workdir) / "checkpoints"
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data", "config"),
@@ -120,7 +128,7 @@ def restore_params(path: str, abstract_params=None, step: int | None = None):
     Raises:
       FileNotFoundError: naming ``path`` when it holds no checkpoint.
     """
-    root = epath.Path(path)
+    root = _path(path)
     directory = root / "checkpoints" if (root / "checkpoints").exists() else root
     manager = ocp.CheckpointManager(
         directory,
@@ -165,7 +173,7 @@ def read_config(path: str, step: int | None = None) -> dict[str, Any]:
     Raises:
       FileNotFoundError: naming ``path`` when it holds no checkpoint.
     """
-    root = epath.Path(path)
+    root = _path(path)
     directory = root / "checkpoints" if (root / "checkpoints").exists() else root
     manager = ocp.CheckpointManager(
         directory,
@@ -184,7 +192,7 @@ def save_params(path: str, params, config_json: dict[str, Any], step: int = 0) -
     """Writes ``params`` (and the config that builds their model) as checkpoint ``step`` of
     ``path/checkpoints``, the layout :func:`restore_params` (so ``model.init_from``,
     ``teacher.init_from`` and ``region_medclip.load``) reads."""
-    directory = epath.Path(path) / "checkpoints"
+    directory = _path(path) / "checkpoints"
     manager = ocp.CheckpointManager(
         directory,
         item_handlers={

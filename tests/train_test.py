@@ -272,6 +272,18 @@ def test_logit_scale_clamped_for_softmax_not_sigmoid():
 # The loop: metrics, guard, checkpoints, resume.
 
 
+def test_relative_workdir_saves_and_resumes(data_dir, tmp_path, monkeypatch):
+    # As README's commands pass it (--workdir=runs/tiny); orbax itself needs an absolute path.
+    monkeypatch.chdir(tmp_path)
+    train.train_and_evaluate(config(data_dir, **{"train.total_steps": 1}), "runs/rel")
+    assert checkpointing.Checkpointer("runs/rel", keep=3).latest_step() == 1
+    assert (tmp_path / "runs/rel/checkpoints").is_dir()
+    result = train.train_and_evaluate(config(data_dir, **{"train.total_steps": 2}), "runs/rel")
+    assert result["step"] == 2
+    params, _, step = checkpointing.restore_params("runs/rel")  # region_medclip.load's reader
+    assert step == 2 and params
+
+
 def test_train_two_steps_checkpoint_resume_two_more(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     result = train.train_and_evaluate(config(data_dir, **{"train.total_steps": 2}), workdir)
