@@ -147,6 +147,31 @@ def _batches(records, n, data_config=None, **kwargs):
     return it, [next(it) for _ in range(n)]
 
 
+def test_texts_cut_to_fit_are_counted_and_reported(caplog):
+    tok = tokenizers.from_config(_config())
+    texts = ["No pneumothorax.", "FINDINGS: The lungs are clear. IMPRESSION: Normal chest."]
+    sizes = [len(tok.tokenizer.encode(t).ids) + 2 for t in texts]  # with BOS and EOS
+    ids, cut = tok.encode(texts, sizes[0])
+    assert cut == 1 and ids.shape == (2, sizes[0])
+    assert ids[1, -1] == tok.eos_id  # the cut text keeps its closing token
+    assert tok.encode(texts, max(sizes))[1] == 0
+    # Through the pipeline: every report longer than text_len and every caption or negative
+    # longer than caption_len is counted, in the batch and in the iterator's running total.
+    records = _records(8)
+    data = _config(text_len=24, caption_len=8)
+    expected = 0
+    for r in records[:4]:
+        negs = [negatives.hard_negatives(c, 3) for c in r["box_captions"]]
+        flat = list(r["box_captions"]) + [n for group in negs for n in group]
+        expected += len(tok.tokenizer.encode(r["report"]).ids) + 2 > 24
+        expected += sum(len(tok.tokenizer.encode(t).ids) + 2 > 8 for t in flat)
+    it, _ = _batches(records, 1, data_config=data, train=False)
+    assert expected > 0 and it.totals["truncated_texts"] == expected
+    assert any("data/truncated_texts" in m for m in caplog.messages)
+    it, _ = _batches(records, 1, data_config=_config(text_len=64, caption_len=14), train=False)
+    assert it.totals["truncated_texts"] == 0
+
+
 def test_caption_len_shortens_captions_and_negatives_only():
     records = _records()
     _, (full,) = _batches(records, 1)

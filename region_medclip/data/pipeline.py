@@ -19,7 +19,7 @@ from region_medclip.data.tokenizers import TextTokenizer
 from region_medclip.data.tokenizers import from_config as tokenizer_from_config
 
 _log = logging.getLogger("region_medclip.data")
-_STATS = ("skipped", "truncated_rois")
+_STATS = ("skipped", "truncated_rois", "truncated_texts")
 
 
 def source(name: str, split: str, data_config) -> Any:
@@ -83,7 +83,8 @@ class _CountingBatchIterator(grain.DatasetIterator):
                 continue
             items.append(example)
         batch = {key: np.stack([x[key] for x in items]) for key in items[0]}
-        batch["truncated_rois"] = np.int32(batch["truncated_rois"].sum())
+        for key in ("truncated_rois", "truncated_texts"):
+            batch[key] = np.int32(batch[key].sum())
         batch["skipped"] = np.int32(skipped)
         return batch
 
@@ -107,7 +108,8 @@ def make_dataset(
     records: Any = None,
 ) -> grain.IterDataset:
     """Local batches of model inputs (see ``transforms.Finalize`` for the keys) plus the
-    per-batch counts ``skipped`` and ``truncated_rois``.
+    per-batch counts ``skipped``, ``truncated_rois`` (boxes past ``max_rois``) and
+    ``truncated_texts`` (reports over ``text_len``, captions over ``caption_len``, cut to fit).
 
     Args:
       data_config: ``config.data``.
@@ -174,6 +176,14 @@ class BatchIterator(Iterator[dict]):
             if key == "skipped" and count:
                 _log.warning(
                     "skipped %d bad record(s) in this batch (%d so far)", count, self.totals[key]
+                )
+            if key == "truncated_texts" and count and self.totals[key] == count:
+                # Once: a long run logs the running count as data/truncated_texts.
+                _log.warning(
+                    "%d text(s) in this batch were longer than config.data.text_len (reports) "
+                    "or caption_len (captions, negatives) and were cut; data/truncated_texts "
+                    "counts them",
+                    count,
                 )
         if self._sharding is None:
             return batch

@@ -53,12 +53,20 @@ class TextTokenizer:
 
     def __call__(self, texts: Sequence[str], length: int) -> np.ndarray:
         """Encodes ``texts`` to ``[len(texts), length]`` int32 ids (bos, tokens, eos, padding)."""
+        return self.encode(texts, length)[0]
+
+    def encode(self, texts: Sequence[str], length: int) -> tuple[np.ndarray, int]:
+        """``[len(texts), length]`` int32 ids as :meth:`__call__`, and how many of the texts
+        were cut to fit ``length`` (their closing token kept), so a pipeline can count them."""
         out = np.full((len(texts), length), self.pad_id, np.int32)
         encodings = self.tokenizer.encode_batch([self.clean_fn(t) for t in texts])
+        truncated = 0
         for row, encoding in enumerate(encodings):
-            ids = [self.bos_id, *encoding.ids][: length - 1] + [self.eos_id]
+            ids = [self.bos_id, *encoding.ids]
+            truncated += len(ids) + 1 > length
+            ids = ids[: length - 1] + [self.eos_id]
             out[row, : len(ids)] = ids
-        return out
+        return out, truncated
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -224,7 +224,8 @@ class Finalize(grain.transforms.Map):
     Output keys (``L`` = ``text_len``, ``Lc`` = ``caption_len`` or ``L``): ``images [S, S, 3]``
     float32, ``texts [L]``, ``boxes [R, 4]`` normalised xyxy,
     ``roi_mask [R]``, ``captions [R, Lc]``, ``cap_ids [R]``, ``negatives [R, K, Lc]``,
-    ``neg_mask [R, K]``, ``labels [C]``, ``box_labels [R]``.
+    ``neg_mask [R, K]``, ``labels [C]``, ``box_labels [R]``; and the counts
+    ``truncated_rois`` (boxes past ``max_rois``) and ``truncated_texts`` (texts cut to fit).
     """
 
     tokenizer: TextTokenizer
@@ -253,8 +254,9 @@ class Finalize(grain.transforms.Map):
             neg_mask[r, : len(group)] = True
             flat += group
         cap_len = self.caption_len or self.text_len
-        report = self.tokenizer(flat[:1], self.text_len)[0]
-        ids = self.tokenizer(flat[1:], cap_len)
+        report, cut_reports = self.tokenizer.encode(flat[:1], self.text_len)
+        report = report[0]
+        ids, cut_captions = self.tokenizer.encode(flat[1:], cap_len)
         captions_ids = np.zeros((rois, cap_len), np.int32)
         captions_ids[:count] = ids[:count]
         negative_ids = np.zeros((rois, k, cap_len), np.int32)
@@ -274,4 +276,6 @@ class Finalize(grain.transforms.Map):
             box_labels=box_labels,
             # Boxes beyond max_rois are not used; the batcher counts them so none go unnoticed.
             truncated_rois=np.int32(len(example["box_captions"]) - count),
+            # Reports over text_len and captions or negatives over caption_len, cut to fit.
+            truncated_texts=np.int32(cut_reports + cut_captions),
         )
