@@ -65,10 +65,20 @@ def get_config(arg: str | None = None):
     c.loss.gamma = 2.0
     for kind in ("zero_shot", "retrieval", "regions", "grounding", "modality_gap"):
         c.evals[kind] = dict(kind=kind, max_examples=600, bootstrap=200)
-    # MedCLIP-style prompts (severity × finding × location, as every report places a finding)
-    # against the normal-study prompts; CheXzero's "{finding}" / "No {finding}." pairs beside it.
-    c.evals.zero_shot.prompts = "combinatorial"
+    # MedCLIP-style prompts (severity × finding × location, as every report places a finding),
+    # phrased as the reports' sentences, against the normal-study prompts. Beside it the same
+    # combinations as box captions ("small nodule in the right upper zone"), which the region
+    # head trains on but the global embedding never sees, and CheXzero's "{finding}" /
+    # "No {finding}." pairs.
+    c.evals.zero_shot.prompts = "sentences"
     c.evals.zero_shot.negatives = "normal"
+    c.evals.zero_shot_captions = dict(
+        kind="zero_shot",
+        prompts="combinatorial",
+        negatives="normal",
+        max_examples=600,
+        bootstrap=200,
+    )
     c.evals.zero_shot_paired = dict(kind="zero_shot", max_examples=600, bootstrap=200)
     # Half a 16-px patch: the scale of Zhang et al.'s 15 px at ~224 px, at 128 px.
     c.evals.grounding.tolerance = 8.0

@@ -81,7 +81,7 @@ class Model:
         if negatives not in zero_shot.NEGATIVE_SETS:
             raise ValueError(f"negatives={negatives!r}; choose one of {zero_shot.NEGATIVE_SETS}")
         zimg = self.encode_image(self.preprocess(images))
-        encode = embeddings.text_encoder(self.module, self.params, self.tokenizer, self.caption_len)
+        encode = embeddings.text_encoder(self.module, self.params, self.tokenizer, self.text_len)
         labels = list(labels)
         zpos = zero_shot.class_embeddings(encode, zero_shot.template_prompts(labels))
         if negatives == "normal":

@@ -222,6 +222,33 @@ def test_zero_shot_with_an_oracle_text_encoder():
     assert out["top1"] == 1.0 and out["macro_f1"] == 1.0
 
 
+def test_sentence_prompts_are_the_sentences_reports_state_findings_with():
+    from region_medclip.data import synth, synth_text, transforms
+    from region_medclip.evaluators import zero_shot
+
+    names = list(synth.LABELS)
+    prompts = zero_shot.sentence_prompts(names)
+    assert prompts[0] == [t.format("no finding") for t in zero_shot.POSITIVE_TEMPLATES]
+    assert all(len(set(group)) == len(group) for group in prompts)
+    assert not any("  " in p for group in prompts for p in group)  # empty severity left no gap
+    # Every sentence a synthetic report states a finding with is one of that finding's prompts,
+    # and no prompt names another finding's location set (effusions only at the bases).
+    rng = np.random.default_rng(0)
+    seen = {name: set() for name in names[1:]}
+    for _ in range(400):
+        name = names[1 + rng.integers(len(names) - 1)]
+        side, zone = synth.LOCATIONS[name][rng.integers(len(synth.LOCATIONS[name]))]
+        severity = synth_text.SEVERITIES[name][rng.integers(len(synth_text.SEVERITIES[name]))]
+        finding = synth.Finding(name, side, zone, severity, (0.0, 0.0, 1.0, 1.0))
+        first = transforms.report_sentences(synth_text.report([finding], rng))[0]
+        assert first in prompts[names.index(name)], (name, first)
+        seen[name].add(first)
+    assert all(seen.values())
+    effusion = prompts[names.index("pleural effusion")]
+    assert all(("base" in p or "lower" in p) for p in effusion)
+    assert "The heart is enlarged." in prompts[names.index("cardiomegaly")]
+
+
 def test_report_prompts_use_the_report_language():
     from region_medclip.data import synth_text
     from region_medclip.evaluators import zero_shot

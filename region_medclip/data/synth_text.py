@@ -84,20 +84,28 @@ def normal_caption(side: str, zone: str, rng: np.random.Generator) -> str:
     return _pick(NORMAL_CAPTIONS, rng).format(location_phrase(side, zone, rng))
 
 
+# How a report states a finding: a template around its caption, or for cardiomegaly (which has
+# no location) one of its own sentences, "{sev}" taking the severity word.
+SENTENCE_TEMPLATES = ("There is a {}.", "{}.", "A {} is noted.", "Findings of {}.")
+CARDIOMEGALY_SENTENCES = (
+    "The heart is enlarged.",
+    "There is {sev} cardiomegaly.",
+    "The cardiac silhouette is enlarged.",
+)
+
+
+def sentence(template: str, phrase: str) -> str:
+    """``template`` filled with ``phrase`` and capitalised: ``"A small nodule in the ... is
+    noted."``."""
+    text = template.format(phrase)
+    return text[0].upper() + text[1:]
+
+
 def _sentence(finding, rng: np.random.Generator) -> str:
     phrase = caption(finding, rng)
     if finding.name == "cardiomegaly":
-        return _pick(
-            (
-                "The heart is enlarged.",
-                f"There is {finding.severity} cardiomegaly.",
-                "The cardiac silhouette is enlarged.",
-            ),
-            rng,
-        )
-    template = _pick(("There is a {}.", "{}.", "A {} is noted.", "Findings of {}."), rng)
-    text = template.format(phrase)
-    return text[0].upper() + text[1:]
+        return _pick(CARDIOMEGALY_SENTENCES, rng).format(sev=finding.severity)
+    return sentence(_pick(SENTENCE_TEMPLATES, rng), phrase)
 
 
 def report(findings, rng: np.random.Generator) -> str:

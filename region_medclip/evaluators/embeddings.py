@@ -1,11 +1,15 @@
 """One pass of a model over an evaluation split: every embedding the evaluators need."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from region_medclip.data import pipeline
 from region_medclip.models import clip
+
+_log = logging.getLogger("region_medclip.evaluate")
 
 
 def patch_boxes(grid: int) -> np.ndarray:
@@ -89,11 +93,17 @@ def text_encoder(model: clip.RegionCLIP, params, tokenizer, length: int):
     encode = jax.jit(lambda p, t: model.apply({"params": p}, t, method=clip.RegionCLIP.encode_text))
 
     def run(texts: list[str]) -> np.ndarray:
-        out = []
+        out, cut = [], 0
         for start in range(0, len(texts), 256):
             chunk = texts[start : start + 256]
-            tokens = _pad(tokenizer(chunk, length), 256)  # one compiled shape
+            tokens, truncated = tokenizer.encode(chunk, length)
+            cut += truncated
+            tokens = _pad(tokens, 256)  # one compiled shape
             out.append(np.asarray(encode(params, tokens))[: len(chunk)])
+        if cut:
+            _log.warning(
+                "%d of %d prompts are longer than %d tokens and were cut", cut, len(texts), length
+            )
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     return run

@@ -143,7 +143,9 @@ def evaluate(
     if not names:
         return {}
     tokenizer = tokenizers_lib.from_config(config.data)
-    length = config.data.get("caption_len", 0) or config.data.text_len
+    # Prompts are encoded at the report length: sentence prompts are report sentences, longer
+    # than box captions (the towers pool over the real tokens, so padding changes nothing).
+    length = config.data.text_len
 
     def encode_fn():
         return embeddings_lib.text_encoder(model, params, tokenizer, length)

@@ -1,7 +1,8 @@
 """Zero-shot classification of findings from prompts.
 
-- Class embeddings: the mean of the L2-normalised embeddings of a class's prompts (templates, or
-  MedCLIP-style combinations of severity × finding × location), renormalised.
+- Class embeddings: the mean of the L2-normalised embeddings of a class's prompts (templates,
+  MedCLIP-style combinations of severity × finding × location as captions or as the reports'
+  sentences, or the reports' own finding sentences), renormalised.
 - Multi-label findings (CheXzero-style): each finding has a positive and a negative prompt set
   (its own negations, or the normal-study prompts for every finding);
   ``p(finding) = softmax(t · [sim_pos, sim_neg])[0]`` per image. Per-class and macro AUROC with
@@ -17,7 +18,7 @@ from region_medclip.evaluators import common
 # Prompt templates in the language of radiology reports.
 POSITIVE_TEMPLATES = ("{}", "There is {}.", "FINDINGS: There is {}.", "IMPRESSION: {}.")
 NEGATIVE_TEMPLATES = ("No {}.", "There is no {}.", "FINDINGS: No {}.", "IMPRESSION: No {}.")
-PROMPT_SETS = ("templates", "combinatorial", "report")
+PROMPT_SETS = ("templates", "combinatorial", "sentences", "report")
 # How a normal study is reported: the reference of every finding with ``negatives="normal"``.
 NORMAL_PROMPTS = (
     "The lungs are clear.",
@@ -64,6 +65,36 @@ def combinatorial_prompts(names: list[str]) -> list[list[str]]:
                 where = f" in the {side} {zone} zone" if side else ""
                 prompts.append(f"{severity} {name}{where}".strip())
         out.append(prompts or [t.format(name) for t in POSITIVE_TEMPLATES])
+    return out
+
+
+def sentence_prompts(names: list[str]) -> list[list[str]]:
+    """The combinatorial prompts phrased as the synthetic reports state a finding: severity ×
+    synonym × location (every zone word) in each of the reports' sentence templates ("A small
+    nodular opacity in the left base is noted."), and cardiomegaly's own sentences ("The heart
+    is enlarged."). CheXzero words its prompts after the reports it trained on: the global
+    image embedding is trained against report sentences, not box captions. Names without such
+    phrases (e.g. "no finding") fall back to the templates."""
+    from region_medclip.data import synth_text
+    from region_medclip.data.synth import LOCATIONS
+
+    out = []
+    for name in names:
+        prompts = []
+        for severity in synth_text.SEVERITIES.get(name, ()):
+            if name == "cardiomegaly":
+                prompts += [s.format(sev=severity) for s in synth_text.CARDIOMEGALY_SENTENCES]
+                continue
+            for synonym in synth_text.SYNONYMS[name]:
+                noun = " ".join(synonym.format(sev=severity).split())
+                for side, zone in LOCATIONS[name]:
+                    for word in synth_text.ZONE_WORDS[zone]:
+                        phrase = f"{noun} in the {side} {word}"
+                        prompts += [
+                            synth_text.sentence(t, phrase) for t in synth_text.SENTENCE_TEMPLATES
+                        ]
+        # Severity words may be empty: "nodule" and "small nodule" both occur; keep each once.
+        out.append(list(dict.fromkeys(prompts)) or [t.format(name) for t in POSITIVE_TEMPLATES])
     return out
 
 
@@ -135,7 +166,11 @@ def finding_probabilities(
         zcls = class_embeddings(encode, positive)
         zneg = class_embeddings(encode, [negative[c] for c in findings])
     else:
-        make = combinatorial_prompts if prompts == "combinatorial" else template_prompts
+        make = {
+            "combinatorial": combinatorial_prompts,
+            "sentences": sentence_prompts,
+            "templates": template_prompts,
+        }[prompts]
         zcls = class_embeddings(encode, make(class_names))
         zneg = class_embeddings(encode, template_prompts(names, NEGATIVE_TEMPLATES))
     if negatives == "normal":
