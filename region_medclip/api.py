@@ -5,6 +5,7 @@ probs = model.zero_shot(images_uint8, ["pleural effusion", "nodule"])   # [B, 2]
 heat = model.ground(image_uint8, "small nodule in the right upper zone")  # [S, S]
 """
 
+import logging
 from collections.abc import Sequence
 
 import jax
@@ -18,6 +19,8 @@ from region_medclip.data import tokenizers as tokenizers_lib
 from region_medclip.data import transforms
 from region_medclip.evaluators import embeddings, grounding, zero_shot
 from region_medclip.models import clip
+
+_log = logging.getLogger("region_medclip.api")
 
 
 class Model:
@@ -112,8 +115,16 @@ class Model:
 
     def encode_text_short(self, texts: list[str]) -> np.ndarray:
         """Phrases → ``[n, D]`` L2-normalised, tokenized at the caption length the region losses
-        trained with (``data.caption_len``)."""
-        return np.asarray(self._text(self.params, self.tokenizer(texts, self.caption_len)))
+        trained with (``data.caption_len``); a longer phrase is cut to fit, with a warning."""
+        ids, cut = self.tokenizer.encode(texts, self.caption_len)
+        if cut:
+            _log.warning(
+                "%d of %d phrases are longer than data.caption_len=%d tokens and were cut",
+                cut,
+                len(texts),
+                self.caption_len,
+            )
+        return np.asarray(self._text(self.params, ids))
 
 
 def load(path: str, step: int | None = None) -> Model:

@@ -348,7 +348,7 @@ def test_evaluators_run_in_training_and_from_the_command_line(tmp_path):
     assert again["regions"] == saved["regions"]
 
 
-def test_load_api_and_predict_cli(tmp_path):
+def test_load_api_and_predict_cli(tmp_path, caplog):
     import os
     import subprocess
     import sys
@@ -383,8 +383,13 @@ def test_load_api_and_predict_cli(tmp_path):
     assert not np.allclose(normal, probs[:1])
     with pytest.raises(ValueError, match="negatives"):
         model.zero_shot(record["image"], ["nodule"], negatives="none")
+    caplog.clear()  # training warned about its micro config's reports cut to text_len
     heat = model.ground(record["image"], "nodule in the right upper zone")
     assert heat.shape == (32, 32) and np.isfinite(heat).all()
+    assert not any("were cut" in m for m in caplog.messages)
+    long_phrase = " ".join(["small nodule in the right upper zone"] * 8)
+    assert np.isfinite(model.ground(record["image"], long_phrase)).all()
+    assert any("1 of 1 phrases are longer than data.caption_len" in m for m in caplog.messages)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         region_medclip.load(str(tmp_path / "empty"))
 
