@@ -14,11 +14,13 @@ def test_summarise_means_and_stds_by_hand():
         {"zero_shot": {"macro_auroc": 0.6}, "grounding": {"pointing_game": 1.0}},
     ]
     summary, table = ablation.summarise({"a": runs, "b": runs[:1]})
-    assert summary["a"]["zero_shot/macro_auroc"] == pytest.approx((0.7, 0.1))
+    # Sample std (ddof=1): sqrt(((0.8-0.7)² + (0.6-0.7)²) / 1) = 0.1414.
+    assert summary["a"]["zero_shot/macro_auroc"] == pytest.approx((0.7, 0.1 * np.sqrt(2)))
     # A zero is a value, not a missing one.
-    assert summary["a"]["grounding/pointing_game"] == pytest.approx((0.5, 0.5))
+    assert summary["a"]["grounding/pointing_game"] == pytest.approx((0.5, np.sqrt(0.5)))
+    assert np.isnan(summary["b"]["zero_shot/macro_auroc"][1])  # one seed: no spread
     assert np.isnan(summary["a"]["retrieval/i2t/R@5"][0])
-    assert "| a | 2 | 0.700 ± 0.100 |" in table and "| b | 1 | 0.800 |" in table
+    assert "| a | 2 | 0.700 ± 0.141 |" in table and "| b | 1 | 0.800 |" in table
 
 
 def test_every_variant_trains_evaluates_and_is_not_trained_twice(tmp_path):
