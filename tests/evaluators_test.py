@@ -96,6 +96,27 @@ def test_retrieval_metrics_both_directions():
     assert m["i2t/R@1"] == 0.0 and m["i2t/R@4"] == 1.0
 
 
+def test_same_text_positives_come_from_tokens_not_embeddings():
+    texts = np.array([[5, 6, 0], [5, 6, 0], [5, 7, 0], [8, 0, 0]])
+    expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=bool)
+    np.testing.assert_array_equal(retrieval.same_text_positives(texts), expected)
+    # A collapsed text tower (four different reports, one embedding) scores every report alike
+    # for an image: the true one ties with three others and gets the pessimistic rank 4. Had
+    # equal embeddings counted as equal reports, every query would have scored R@1 = 1.
+    rng = np.random.default_rng(0)
+    zimg = rng.normal(size=(4, 8))
+    ztxt = np.repeat(rng.normal(size=(1, 8)), 4, axis=0)
+    distinct = retrieval.same_text_positives(np.arange(4)[:, None])
+    m = retrieval.retrieval_metrics(zimg, ztxt, distinct, ks=(1, 4))
+    assert m["i2t/R@1"] == 0.0 and m["i2t/median_rank"] == 4.0 and m["i2t/R@4"] == 1.0
+    # Identical reports (rows 0 and 1 of `texts`) are matches of each other in both directions:
+    # image 0 retrieves report 1 and report 0 retrieves image 1 (with the diagonal alone, 0.5).
+    zimg, ztxt = np.eye(4), np.eye(4)[[1, 0, 2, 3]]
+    m = retrieval.retrieval_metrics(zimg, ztxt, expected, ks=(1,))
+    assert m["i2t/R@1"] == 1.0 and m["t2i/R@1"] == 1.0
+    assert retrieval.retrieval_metrics(zimg, ztxt, ks=(1,))["i2t/R@1"] == 0.5
+
+
 def test_region_matching():
     e = np.eye(3)
     zroi = np.stack([e, e])  # [2 images, 3 ROIs, D = 3]

@@ -23,6 +23,19 @@ def ranks_of_positives(similarity: np.ndarray, positives: np.ndarray | None = No
     return beaten_by + 1
 
 
+def same_text_positives(texts: np.ndarray) -> np.ndarray:
+    """``[N, L]`` token ids of the reports → ``[N, N]`` bool: report j is a correct match for
+    image i when its token sequence equals report i's (e.g. identical normal studies).
+
+    Decided on the tokens, never on the embeddings: a text tower that maps different reports to
+    the same point must not have them counted as matches of each other.
+    """
+    texts = np.asarray(texts).reshape(len(texts), -1)
+    _, text_id = np.unique(texts, axis=0, return_inverse=True)
+    text_id = text_id.reshape(-1)
+    return text_id[:, None] == text_id[None, :]
+
+
 def recall_at_k(ranks: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
     """Fraction of queries whose positive ranks within the top k, for each k."""
     ranks = np.asarray(ranks)

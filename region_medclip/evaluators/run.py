@@ -181,8 +181,8 @@ def evaluate(
                 bootstrap=cfg["bootstrap"],
             )
         elif kind == "retrieval":
-            # Reports with the same text (e.g. normal studies) are all correct matches.
-            same_text = emb["ztxt"] @ emb["ztxt"].T > 1 - 1e-6
+            # Reports with the same tokens (e.g. normal studies) are all correct matches.
+            same_text = retrieval.same_text_positives(emb["texts"])
             out = retrieval.retrieval_metrics(emb["zimg"], emb["ztxt"], same_text)
         elif kind == "regions":
             out = regions.split_retrieval(emb["zroi"], emb["zcap"], emb["roi_mask"], emb["cap_ids"])
@@ -219,7 +219,7 @@ def plot(kind: str, emb: dict[str, np.ndarray], path: str, *, config, cfg, grid,
         )
         plots.plot_roc(probs, emb["labels"][:, findings], [names[c] for c in findings], path)
     elif kind == "retrieval":
-        same_text = emb["ztxt"] @ emb["ztxt"].T > 1 - 1e-6
+        same_text = retrieval.same_text_positives(emb["texts"])
         similarity = emb["zimg"] @ emb["ztxt"].T
         ranks = {
             "image→report": retrieval.ranks_of_positives(similarity, same_text),
