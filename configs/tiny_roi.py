@@ -3,8 +3,7 @@
 python -m region_medclip.summary --config=configs/tiny_roi.py
 """
 
-from configs import common
-from region_medclip import config_lib
+from region_medclip import config as config_lib
 
 
 def get_config(arg: str | None = None):
@@ -14,7 +13,7 @@ def get_config(arg: str | None = None):
     args = config_lib.parse_arg(
         arg, res=128, variant="Ti/16", steps=2400, text="bert", text_from=""
     )
-    c = common.base_config()
+    c = config_lib.base_config()
     # Mean-pooled patch tokens: the global embedding is built from the same tokens the region
     # losses train (a class token has to learn to gather them from the global loss alone).
     # The hierarchical MLP stem: with CLIP's linear patch embedding the loss took twice the steps
@@ -85,5 +84,5 @@ def get_config(arg: str | None = None):
     # Half a 16-px patch: the scale of Zhang et al.'s 15 px at ~224 px, at 128 px.
     c.evals.grounding.tolerance = 8.0
     if args.text_from:
-        common.init_text_from(c, args.text_from)
+        config_lib.init_text_from(c, args.text_from)
     return c

@@ -7,8 +7,7 @@ full region-aware loss.
     ... --config=configs/vitb16_roi.py:init=CLIP,teacher=CLIP   # fine-tune an imported CLIP
 """
 
-from configs import common
-from region_medclip import config_lib
+from region_medclip import config as config_lib
 
 
 def get_config(arg: str | None = None):
@@ -19,7 +18,7 @@ def get_config(arg: str | None = None):
     args = config_lib.parse_arg(
         arg, runlocal=False, res=224, variant="B/16", text="clip", init="", text_from="", teacher=""
     )
-    c = common.base_config()
+    c = config_lib.base_config()
     c.model.image = dict(variant=args.variant, pool="cls")
     if args.text == "clip":
         c.model.text = dict(kind="clip", variant="B", vocab_size=49408, context_len=77)
@@ -51,8 +50,8 @@ def get_config(arg: str | None = None):
         c.train.ckpt_every = 10
         c.train.eval_every = 10
     if args.init:
-        common.init_model_from(c, args.init)
+        config_lib.init_model_from(c, args.init)
     if args.text_from:
-        common.init_text_from(c, args.text_from)
+        config_lib.init_text_from(c, args.text_from)
     c.teacher.init_from = args.teacher
     return c

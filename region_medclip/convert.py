@@ -8,7 +8,7 @@ The output is a checkpoint directory of this project (params + the config that b
 A CLIP conversion holds a whole model: ``config.model.init_from``, ``config.teacher.init_from``
 and ``region_medclip.load`` accept it. A BERT conversion holds a text tower only (and its
 tokenizer): ``config.model.init_from`` takes it, the other towers keeping their random init
-(``configs/common.py:init_text_from`` sets the text tower and tokenizer to match). Nothing is
+(``region_medclip.config.init_text_from`` sets the text tower and tokenizer to match). Nothing is
 downloaded: ``--src`` is a directory with ``config.json`` and ``model.safetensors`` (or
 ``pytorch_model.bin``), e.g. what ``save_pretrained`` writes.
 """
@@ -72,15 +72,15 @@ def convert_hf_bert(src: str, out: str, pool: str = "cls") -> dict:
     (``text_tower``) and what it leaves to the model's init (``text_tower/proj``, the projection
     into the joint space, which BERT does not have).
     """
-    from configs import common
     from region_medclip import checkpointing
+    from region_medclip import config as config_lib
     from region_medclip.weights import hf_bert
 
     if not os.path.isdir(src):
         raise FileNotFoundError(f"--src={src}: hf_bert needs the checkpoint directory")
     kwargs, loaded = hf_bert.load(src)
     tokenizer_dir = _copy_tokenizer(src, out, kwargs["vocab_size"])
-    config = common.base_config()
+    config = config_lib.base_config()
     config.model.text = dict(kind="bert", variant="base", pool=pool, **kwargs)
     config.data.tokenizer = "hf"
     config.data.tokenizer_path = tokenizer_dir
@@ -114,11 +114,11 @@ def _write(fields: dict, loaded: dict, src: str, out: str, source_format: str) -
     import numpy as np
     from flax.core import meta
 
-    from configs import common
     from region_medclip import checkpointing
+    from region_medclip import config as config_lib
     from region_medclip.models import clip
 
-    config = common.base_config()
+    config = config_lib.base_config()
     config.model.image, config.model.text = fields["image"], fields["text"]
     config.model.embed_dim = fields["embed_dim"]
     config.data.image_size = fields["image_size"]

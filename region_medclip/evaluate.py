@@ -18,7 +18,8 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from region_medclip import checkpointing, config_lib
+    from region_medclip import checkpointing
+    from region_medclip import config as config_lib
     from region_medclip.evaluators import run
     from region_medclip.models import clip
 

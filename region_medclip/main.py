@@ -44,7 +44,7 @@ def main(argv):
     logging.getLogger().setLevel(logging.INFO)
     # Orbax and grain report every save at INFO through absl; keep the progress lines readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from region_medclip import config_lib
+    from region_medclip import config as config_lib
 
     config = _CONFIG.value
     config_lib.validate(config)  # before any device work: a bad key fails in a second

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from configs import common, tiny_roi, vitb16_roi, vitb16_sigmoid
-from region_medclip import config_lib, summary
+from configs import tiny_roi, vitb16_roi, vitb16_sigmoid
+from region_medclip import config as config_lib
+from region_medclip.models import clip, summary
 
 
 @pytest.mark.parametrize(
@@ -69,11 +70,12 @@ def test_validation_names_the_key(mutate, message):
     mutate(config)
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(config)
+        clip.check_towers(config.model)
 
 
 def test_wrong_type_against_schema():
-    schema = common.base_config()
-    config = common.base_config()
+    schema = config_lib.base_config()
+    config = config_lib.base_config()
     config.unlock()
     del config.train["total_steps"]
     config.train.total_steps = "many"

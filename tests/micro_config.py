@@ -6,9 +6,9 @@ python -m region_medclip.main --config=tests/micro_config.py:data_dir=/tmp/d --w
 import jax
 import numpy as np
 
-from configs import common
-from region_medclip import config_lib, train
+from region_medclip import config as config_lib
 from region_medclip import sharding as sharding_lib
+from region_medclip import train
 from region_medclip.data import pipeline
 
 
@@ -16,14 +16,14 @@ def get_config(arg: str | None = None):
     """``arg``: ``data_dir=`` (where synth_cxr is built), ``steps=``, ``kind=`` global loss,
     ``evals`` (add every evaluator)."""
     args = config_lib.parse_arg(arg, data_dir="", steps=4, kind="softmax", evals=False)
-    c = common.base_config()
+    c = config_lib.base_config()
     c.model.image = dict(variant="mu/8", pool="cls")
     c.model.text = dict(kind="clip", variant="mu", vocab_size=1024, context_len=32)
     c.model.region = dict(roi_size=2, sampling_ratio=1, pool="mean", proj="shared")
     c.model.embed_dim = 32
     c.loss.global_kind = args.kind
     if args.kind == "sigmoid":
-        c.model.logit_scale_init = common.SIGMOID_LOGIT_SCALE_INIT
+        c.model.logit_scale_init = config_lib.SIGMOID_LOGIT_SCALE_INIT
     c.loss.lambda_ = 0.0
 
     c.data.image_size = 32

@@ -4,7 +4,7 @@ import pytest
 
 from configs import vitb16_roi
 from conftest import require_peer
-from region_medclip import summary
+from region_medclip.models import summary
 
 
 @pytest.mark.parity

@@ -1,5 +1,6 @@
 """The composite model: image, text and region towers with the learned temperature and bias."""
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -8,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from region_medclip.config import ConfigError
+from region_medclip.config.validate import check_type
 from region_medclip.models import region as region_lib
 from region_medclip.models import text as text_lib
 from region_medclip.models import vit as vit_lib
@@ -124,6 +127,18 @@ class RegionCLIP(nn.Module):
         )
 
 
+def example_inputs(data_config, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract model inputs at ``config.data``'s sizes: ``images [B, S, S, 3]``, ``texts [B, L]``,
+    ``boxes [B, R, 4]``, ``roi_mask [B, R]`` as ``jax.ShapeDtypeStruct``."""
+    size, rois = data_config.image_size, data_config.max_rois
+    return dict(
+        images=jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+        texts=jax.ShapeDtypeStruct((batch_size, data_config.text_len), jnp.int32),
+        boxes=jax.ShapeDtypeStruct((batch_size, rois, 4), jnp.float32),
+        roi_mask=jax.ShapeDtypeStruct((batch_size, rois), jnp.bool_),
+    )
+
+
 def from_config(model_config: Mapping[str, Any]) -> RegionCLIP:
     """Builds :class:`RegionCLIP` from ``config.model`` (keys that are not module fields, such as
     ``init_from``, are ignored here and handled by the trainer)."""
@@ -138,7 +153,50 @@ def from_config(model_config: Mapping[str, Any]) -> RegionCLIP:
         "param_dtype",
         "remat",
     }
+    check_towers(model_config)
     kwargs = {k: v for k, v in dict(model_config).items() if k in fields}
     for tower in ("image", "text", "region"):
         kwargs[tower] = dict(kwargs[tower])
     return RegionCLIP(**kwargs)
+
+
+# Fields the composite supplies to every tower from the model section itself.
+_OWNED_FIELDS = {"embed_dim", "dtype", "param_dtype", "remat", "parent", "name"}
+
+
+def _tower_module(name: str, tower: Mapping[str, Any]) -> tuple[type, set[str]]:
+    """The module class that ``config.model.<name>`` goes into, and its extra keys."""
+    if name == "image":
+        return vit_lib.ViT, {"variant"}
+    if name == "text":
+        kind = tower.get("kind")
+        if kind not in ("clip", "bert"):
+            raise ConfigError(f"config.model.text.kind: {kind!r} is not one of ['clip', 'bert']")
+        return (text_lib.CLIPText if kind == "clip" else text_lib.BertText), {"kind", "variant"}
+    return region_lib.RegionHead, set()
+
+
+def check_towers(model_config: Mapping[str, Any]) -> None:
+    """Checks the keys of ``config.model.{image,text,region}`` against the fields of the modules
+    they go into, so that a misspelt field fails before anything is built, naming the key.
+
+    Raises:
+      ConfigError: ``config.model.image.depht: unknown key; known here: [...]``.
+    """
+    for name in ("image", "text", "region"):
+        path = f"model.{name}"
+        if model_config.get(name) is None:
+            raise ConfigError(f"config.{path}: missing")
+        tower = dict(model_config[name])
+        module, extra = _tower_module(name, tower)
+        fields = {f.name: f.type for f in dataclasses.fields(module)}
+        allowed = set(fields) - _OWNED_FIELDS | extra
+        for key, value in tower.items():
+            if key not in allowed:
+                raise ConfigError(
+                    f"config.{path}.{key}: unknown key; known here: {sorted(allowed)}"
+                )
+            if fields.get(key) in (int, float, str, bool):
+                check_type(f"{path}.{key}", value, fields[key]())
+        if "variant" in extra and "variant" not in tower:
+            raise ConfigError(f"config.{path}.variant: missing")

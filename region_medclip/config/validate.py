@@ -1,15 +1,18 @@
-"""Config helpers: the ``file.py:arg`` parser and start-up validation against the schema.
+"""The ``file.py:arg`` parser and start-up validation against the schema.
 
-The schema is ``configs/common.py:base_config()``: every section, key and type a config may have.
-Validation runs before anything is built or compiled, so a typo in a config file or on the
-command line is an error naming the key rather than a silently ignored setting.
+The schema is :func:`region_medclip.config.schema.base_config`: every section, key and type a
+config may have. Validation runs before anything is built or compiled, so a typo in a config
+file or on the command line is an error naming the key rather than a silently ignored setting.
+The tower sections go straight into the Flax modules' constructors: their keys are checked
+against the modules' own fields by ``models.clip.check_towers``, which ``clip.from_config`` runs.
 """
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+
+from region_medclip.config.schema import base_config
 
 # Allowed values of string-valued keys (dotted path → choices).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -27,7 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Sections whose keys are not fixed by the schema; they are checked by their own rules.
-_TOWER_SECTIONS = ("model.image", "model.text", "model.region")
+TOWER_SECTIONS = ("model.image", "model.text", "model.region")
 _FREE_SECTIONS = ("evals",)
 
 
@@ -75,18 +78,17 @@ def _parse_value(key: str, raw: str, default: Any) -> Any:
 def validate(
     config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None
 ) -> None:
-    """Checks ``config`` against ``schema`` (default: ``configs.common.base_config()``).
+    """Checks ``config`` against ``schema`` (default: :func:`base_config`).
 
     Raises:
       ConfigError: naming the first offending key (``config.optim.lr``).
     """
     if schema is None:
-        from configs import common  # the schema lives with the configs
-
-        schema = common.base_config()
+        schema = base_config()
     _check_section(config, schema, "")
-    for path in _TOWER_SECTIONS:
-        _check_tower(path, _get(config, path), config)
+    for path in TOWER_SECTIONS:
+        if _get(config, path) is None:
+            raise ConfigError(f"config.{path}: missing")
     for path, choices in CHOICES.items():
         value = _get(config, path)
         if value is not None and value not in choices:
@@ -116,17 +118,17 @@ def _check_section(config: Mapping, schema: Mapping, prefix: str) -> None:
         if key not in schema:
             raise ConfigError(f"config.{path}: unknown key; known here: {sorted(schema)}")
         reference = schema[key]
-        if path in _TOWER_SECTIONS or path in _FREE_SECTIONS:
+        if path in TOWER_SECTIONS or path in _FREE_SECTIONS:
             continue
         if _is_section(reference):
             if not _is_section(value):
                 raise ConfigError(f"config.{path}: expected a section, got {type(value).__name__}")
             _check_section(value, reference, f"{path}.")
         else:
-            _check_type(path, value, reference)
+            check_type(path, value, reference)
 
 
-def _check_type(path: str, value: Any, reference: Any) -> None:
+def check_type(path: str, value: Any, reference: Any) -> None:
     if reference is None or value is None:
         return
     if isinstance(reference, bool) or isinstance(value, bool):
@@ -142,33 +144,3 @@ def _check_type(path: str, value: Any, reference: Any) -> None:
             f"config.{path}: expected {type(reference).__name__}, "
             f"got {type(value).__name__} ({value!r})"
         )
-
-
-def _check_tower(path: str, tower: Mapping | None, config: Mapping) -> None:
-    """Tower sections go straight into module constructors: check their keys against the
-    module's own fields, so a misspelt field fails here and not deep inside Flax."""
-    from region_medclip.models import region, text, vit
-
-    if tower is None:
-        raise ConfigError(f"config.{path}: missing")
-    tower = dict(tower)
-    if path == "model.image":
-        module, extra = vit.ViT, {"variant"}
-    elif path == "model.text":
-        kind = tower.get("kind")
-        if kind not in ("clip", "bert"):
-            raise ConfigError(f"config.{path}.kind: {kind!r} is not one of ['clip', 'bert']")
-        module, extra = (text.CLIPText if kind == "clip" else text.BertText), {"kind", "variant"}
-    else:
-        module, extra = region.RegionHead, set()
-    # The composite supplies these from the model section itself.
-    owned = {"embed_dim", "dtype", "param_dtype", "remat", "parent", "name"}
-    fields = {f.name: f.type for f in dataclasses.fields(module)}
-    allowed = set(fields) - owned | extra
-    for key, value in tower.items():
-        if key not in allowed:
-            raise ConfigError(f"config.{path}.{key}: unknown key; known here: {sorted(allowed)}")
-        if fields.get(key) in (int, float, str, bool):
-            _check_type(f"{path}.{key}", value, fields[key]())
-    if "variant" in extra and "variant" not in tower:
-        raise ConfigError(f"config.{path}.variant: missing")

@@ -1,1 +1,0 @@
-"""Experiment configs: Python files with ``get_config(arg=None)`` (see ``common.py``)."""
