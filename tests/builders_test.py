@@ -1,7 +1,12 @@
-"""TFDS builders of the real datasets: array_record files built from each dataset's fixture
-(tests/formats_fixtures) and read back with ``as_data_source`` — no TensorFlow involved."""
+"""TFDS builders: the real datasets' array_record files built from each dataset's fixture
+(tests/formats_fixtures) and read back with ``as_data_source`` — no TensorFlow involved — and
+``synth_cxr``'s builds: the same bytes in every process, rendered on every core with JAX loaded,
+and built once when several processes start on an empty data directory."""
 
 import io
+import pathlib
+import subprocess
+import sys
 
 import formats_fixtures as ff
 import numpy as np
@@ -9,8 +14,10 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from region_medclip.data import formats, schema
+from region_medclip.data import formats, schema, synth
 from region_medclip.data.builders import real
+from region_medclip.data.synth import builder as synth_cxr
+from region_medclip.data.synth import parallel
 
 NAMES = list(real.BUILDERS)
 
@@ -129,7 +136,110 @@ def test_registered_names_load_with_data_source(tmp_path):
 
 
 def test_synth_too_small_for_a_split_is_a_clear_error(tmp_path):
-    from region_medclip.data.builders import synth_cxr
-
     with pytest.raises(ValueError, match="num=4: the .* split gets no films"):
         synth_cxr.ensure_built(str(tmp_path), size=32, num=4, seed=0)
+
+
+def _python(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    """A fresh interpreter running ``code`` (own hash seeds: what a second build would see)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def _files(data_dir: pathlib.Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(data_dir)): p.read_bytes() for p in data_dir.rglob("*") if p.is_file()
+    }
+
+
+def test_synth_builds_are_the_same_bytes_in_every_process(tmp_path):
+    """The CLI and a second process build byte-identical files (the examples' protobuf maps
+    used to be written in each process's own hash order)."""
+    sheet = tmp_path / "sheet.png"
+    cli = [sys.executable, "-m", "region_medclip.data.synth", f"--out={tmp_path / 'a'}"]
+    cli += ["--num=160", "--size=32", "--seed=0", f"--sheet={sheet}"]
+    first = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "built synth_cxr/32_n160/1.2.0" in first.stdout and sheet.exists()
+    code = "import sys; from region_medclip.data.synth import builder as b; "
+    code += "b.ensure_built(sys.argv[1], size=32, num=160, seed=0)"
+    _finish(_python(code, str(tmp_path / "b")))
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert sorted(a) == sorted(b) and any(".array_record-" in name for name in a)
+    assert [name for name in a if a[name] != b[name]] == []
+
+
+def test_synth_parallel_rendering_keeps_the_order_with_jax_loaded():
+    import jax.numpy as jnp
+
+    jnp.zeros(2).block_until_ready()  # JAX's runtime threads are running: no fork is safe
+    indices = list(range(7, 7 + 3 * (parallel.MIN_PARALLEL + 10), 3))
+    got = list(parallel.render_records(indices, size=16, seed=2, workers=3))
+    assert [r["id"] for r in got] == [f"synth-2-{i:07d}" for i in indices]
+    for i, record in zip(indices, got, strict=True):
+        expected = synth.render_record(i, size=16, seed=2)
+        np.testing.assert_array_equal(record["image"], expected["image"])
+        np.testing.assert_array_equal(record["boxes"], expected["boxes"])
+        assert record["report"] == expected["report"]
+        assert record["box_captions"] == expected["box_captions"]
+
+
+def test_synth_render_worker_failure_is_an_error():
+    with pytest.raises(RuntimeError, match="render worker .* exited with status 1"):
+        list(parallel.render_records(range(parallel.MIN_PARALLEL), size=16, seed=-1, workers=2))
+
+
+def test_synth_render_workers_import_neither_jax_nor_tfds():
+    code = "import sys; from region_medclip.data.synth import parallel; "
+    code += "print(sorted(m for m in ('jax', 'flax', 'tensorflow', 'tensorflow_datasets') "
+    code += "if m in sys.modules))"
+    assert _finish(_python(code)).strip() == "[]"
+
+
+# Each process: imports, waits until all are ready, then asks the registry for the source (the
+# first use builds) and prints its build log lines and a digest of the records it reads.
+_FIRST_USE = """
+import hashlib, logging, pathlib, sys, time
+import ml_collections
+from region_medclip.data import registry
+log = logging.getLogger("region_medclip.data.synth")
+log.addHandler(logging.StreamHandler(sys.stdout))
+log.setLevel(logging.INFO)
+data_dir, rank, count = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+(data_dir.parent / f"ready-{rank}").touch()
+while len(list(data_dir.parent.glob("ready-*"))) < count:
+    time.sleep(0.01)
+config = ml_collections.ConfigDict(
+    dict(data_dir=str(data_dir), image_size=32, synth=dict(num=160, seed=0)))
+source = registry.get("synth_cxr").data_source("train", config)
+digest = hashlib.sha256()
+for k in range(len(source)):
+    example = source[k]
+    digest.update(repr((example["id"], example["report"])).encode() + example["image"].tobytes())
+print("digest", len(source), digest.hexdigest())
+"""
+
+
+def test_synth_first_use_from_several_processes_builds_once(tmp_path):
+    data_dir, count = tmp_path / "tfds", 3
+    procs = [_python(_FIRST_USE, str(data_dir), str(k), str(count)) for k in range(count)]
+    outs = [_finish(proc) for proc in procs]
+    builds = [line for out in outs for line in out.splitlines() if "synth_cxr: building" in line]
+    assert len(builds) == 1, outs
+    digests = {line for out in outs for line in out.splitlines() if line.startswith("digest")}
+    assert len(digests) == 1, outs
+    train = synth_cxr.builder(data_dir, 32, 160).info.splits["train"].num_examples
+    assert next(iter(digests)).split()[1] == str(train) and train > 100
+    versions = [p.name for p in (data_dir / "synth_cxr" / "32_n160").iterdir()]
+    assert versions == ["1.2.0"]  # no half-built "incomplete.*" directory left behind

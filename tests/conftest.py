@@ -57,3 +57,14 @@ def pytest_configure(config):
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="session")
+def synth_data_dir(tmp_path_factory) -> str:
+    """A TFDS data directory holding synth_cxr at 32 px, 160 films, seed 0 (the films of
+    ``micro_config``), built once for the whole session and shared by every module."""
+    from region_medclip.data.synth import builder
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    builder.ensure_built(path, size=32, num=160, seed=0)
+    return path

@@ -8,16 +8,9 @@ from PIL import Image
 
 from configs import tiny_roi
 from conftest import require_peer
-from region_medclip.data import (
-    negatives,
-    pipeline,
-    schema,
-    synth,
-    synth_text,
-    tokenizers,
-    transforms,
-)
-from region_medclip.data.builders import synth_cxr
+from region_medclip.data import negatives, pipeline, schema, synth, tokenizers, transforms
+from region_medclip.data.synth import builder as synth_cxr
+from region_medclip.data.synth import text as synth_text
 
 
 def test_synth_is_deterministic_and_consistent():

@@ -7,14 +7,13 @@ iterator state (an index) is checkpointable and restores the exact continuation.
 """
 
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import grain
 import numpy as np
 
-from region_medclip.data import transforms
+from region_medclip.data import registry, transforms
 from region_medclip.data.tokenizers import TextTokenizer
 from region_medclip.data.tokenizers import from_config as tokenizer_from_config
 
@@ -23,33 +22,10 @@ _STATS = ("skipped", "truncated_rois", "truncated_texts")
 
 
 def source(name: str, split: str, data_config) -> Any:
-    """Random-access source of schema records for ``name`` / ``split``.
-
-    ``synth_cxr`` is built on first use (at ``data.image_size``); other names must have been
-    prepared with their builder into ``data.data_dir``.
-    """
-    data_dir = os.path.expanduser(data_config.data_dir)
-    if name == "synth_cxr":
-        from region_medclip.data.builders import synth_cxr
-
-        synth = data_config.get("synth", {})
-        builder = synth_cxr.ensure_built(
-            data_dir,
-            size=data_config.image_size,
-            num=synth.get("num", synth_cxr.DEFAULT_NUM),
-            seed=synth.get("seed", 0),
-        )
-        return builder.as_data_source(split=split)
-    from region_medclip.data.builders import builder_class
-
-    # Our own class, not tfds.data_source(name): TFDS ships a different `chexpert` builder.
-    builder = builder_class(name)(data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-        raise FileNotFoundError(
-            f"config.data: dataset {name!r} is not prepared in {data_dir}; build it first "
-            f"with its builder's download_and_prepare (see MANUAL_DOWNLOAD_INSTRUCTIONS)"
-        )
-    return builder.as_data_source(split=split)
+    """Random-access source of schema records for ``name`` / ``split`` (its registry entry's:
+    ``synth_cxr`` is built on first use at ``data.image_size``; other names must have been
+    prepared with their builder into ``data.data_dir``)."""
+    return registry.get(name).data_source(split, data_config)
 
 
 class _CountingBatch(grain.IterDataset):

@@ -180,7 +180,7 @@ def hf(path: str) -> TextTokenizer:
 def synth_bpe(vocab_size: int = 2048) -> TextTokenizer:
     """Byte-level BPE trained (deterministically, in about a second) on the synthetic report
     language; needs no files and no network."""
-    from region_medclip.data import synth_text
+    from region_medclip.data.synth import text as synth_text
 
     tok = tokenizers.Tokenizer(models.BPE())
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])

@@ -1,19 +1,18 @@
 """TFDS builders (array_record files; building needs no TensorFlow).
 
-``builder_class(name)`` looks a builder up in one registry: ``synth_cxr`` (generated) and the
-real datasets of ``real.BUILDERS`` (read from a manual download directory).
+``synth_cxr`` is generated (its builder is ``data/synth/builder.py``); the real datasets of
+``real.BUILDERS`` are read from a manual download directory; ``common`` holds the features and
+the example writer they share. Which builder a dataset name uses is its entry in
+``data/registry.py``.
 """
 
 
 def builder_class(name: str):
-    """The builder class registered under ``name``.
+    """The builder class of dataset ``name`` (its registry entry's).
 
     Raises:
-      KeyError: naming the known builders.
+      KeyError: naming the known datasets.
     """
-    from region_medclip.data.builders import real, synth_cxr
+    from region_medclip.data import registry
 
-    registry = {"synth_cxr": synth_cxr.SynthCxr, **real.BUILDERS}
-    if name not in registry:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(registry)}")
-    return registry[name]
+    return registry.get(name).builder()

@@ -1,4 +1,5 @@
-"""What every builder shares: the TFDS features of the record schema and a reader-backed base.
+"""What every builder shares: the TFDS features of the record schema, the split generators of a
+record iterator, and an example writer whose files are the same bytes on every run.
 
 Features use only Tensor / Text / bytes so that ``download_and_prepare`` runs without TensorFlow
 (``file_format="array_record"``) and ``tfds.data_source`` reads the files into grain.
@@ -8,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 
 from region_medclip.data import schema
 
@@ -62,3 +64,23 @@ def split_generators(
                 yield record["id"], to_example(record)
 
     return {split: generate(split) for split in splits}
+
+
+class CanonicalExampleWriter(tfds.core.ExampleWriter):
+    """Writes every example in protobuf's deterministic form (map entries sorted by key).
+
+    A ``tf.train.Example`` holds its fields in a protobuf map, and protobuf's C runtime (upb)
+    serialises a map in the order of a hash table seeded afresh in every process: TFDS's plain
+    ``SerializeToString()`` gives each build its own field order, so two builds of the same
+    records differed byte for byte. Re-serialising with ``deterministic=True`` makes the files a
+    function of the records alone. Used by a builder's ``_example_writer`` (the TFDS hook).
+    """
+
+    def write(self, path, examples):
+        """Writes ``examples``, ``(key, serialized tf.train.Example)`` pairs, to ``path``."""
+        return super().write(path, ((key, canonical_example(ex)) for key, ex in examples))
+
+
+def canonical_example(serialized: bytes) -> bytes:
+    """``serialized`` (a ``tf.train.Example``) with its fields in key order."""
+    return tf_example_pb2.Example.FromString(serialized).SerializeToString(deterministic=True)

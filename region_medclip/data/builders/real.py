@@ -60,6 +60,10 @@ class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._reader_options = dict(reader_options or {})
         super().__init__(**kwargs)
 
+    def _example_writer(self) -> tfds.core.ExampleWriter:
+        # Fields in a canonical order: the same records give the same bytes in every process.
+        return common.CanonicalExampleWriter(file_format=self.info.file_format)
+
     def _num_labels(self) -> int:
         return len(formats.LABEL_NAMES[self.SOURCE])
 

@@ -7,17 +7,8 @@ model has to read negation rather than count finding words.
 
 import numpy as np
 
-# Label order of ``labels`` (index 0 is the explicit "no finding" class).
-LABELS = (
-    "no finding",
-    "nodule",
-    "mass",
-    "pleural effusion",
-    "consolidation",
-    "pneumothorax",
-    "cardiomegaly",
-    "atelectasis",
-)
+from region_medclip.data import negatives
+from region_medclip.data.synth.spec import LABELS, LOCATIONS, NORMAL_ZONES, Finding, choose_findings
 
 # Noun phrases per finding; "{sev}" takes the severity word (may be empty).
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -129,9 +120,7 @@ def report(findings, rng: np.random.Generator) -> str:
 
 
 def concept_vocabulary() -> list[str]:
-    """Finding × location phrases used as the distillation concept vocabulary."""
-    from region_medclip.data.synth import LOCATIONS
-
+    """``[K]`` finding × location phrases: the distillation concept vocabulary."""
     concepts = []
     for name, locations in LOCATIONS.items():
         for side, zone in locations:
@@ -139,7 +128,7 @@ def concept_vocabulary() -> list[str]:
     return concepts
 
 
-# Severity words each finding can carry (as drawn by synth.draw_finding).
+# Severity words each finding can carry (as render.draw_finding draws them).
 SEVERITIES = {
     "nodule": ("small", ""),
     "mass": ("large", ""),
@@ -154,18 +143,16 @@ SEVERITIES = {
 def corpus(num_reports: int = 3000, seed: int = 0) -> list[str]:
     """Reports, captions and hard negatives in the synthetic language (no images rendered):
     the training text of the ``synth_bpe`` tokenizer."""
-    from region_medclip.data import negatives, synth
-
     rng = np.random.default_rng(seed)
     texts = []
     for _ in range(num_reports):
         findings = [
-            synth.Finding(name, side, zone, _pick(SEVERITIES[name], rng), (0.0, 0.0, 1.0, 1.0))
-            for name, side, zone in synth.choose_findings(rng)
+            Finding(name, side, zone, _pick(SEVERITIES[name], rng), (0.0, 0.0, 1.0, 1.0))
+            for name, side, zone in choose_findings(rng)
         ]
         texts.append(report(findings, rng))
         used = {(f.side, f.zone) for f in findings}
-        clear = [(s, z) for s, z in synth.NORMAL_ZONES if (s, z) not in used]
+        clear = [(s, z) for s, z in NORMAL_ZONES if (s, z) not in used]
         region_texts = [caption(f, rng) for f in findings]
         region_texts += [normal_caption(s, z, rng) for s, z in clear[:2]]
         for text in region_texts:

@@ -7,12 +7,11 @@ is on the image's left.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
-# Finding signatures, each drawn by one function below.
-SIDES = ("right", "left")  # patient's side; "right" is on the image's left
-ZONES = ("upper", "middle", "lower")
+from region_medclip.data.synth.spec import SIDES, ZONES, Finding
 
 
 @dataclasses.dataclass
@@ -133,3 +132,137 @@ def to_uint8(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     x = x + rng.normal(0.0, rng.uniform(0.015, 0.035), size=x.shape)
     x = smooth(x, passes=1)
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+# Finding signatures. Each drawer adds one finding to the canvas ``[H, W]`` in place and returns
+# ``(severity word, box (u0, v0, u1, v1))``; ``s`` and ``z`` index SIDES and ZONES. The order of
+# the draws from ``rng`` is part of the dataset: changing it changes every later film detail.
+
+
+def _mask_box(mask: np.ndarray, threshold: float = 0.3) -> tuple[float, float, float, float]:
+    rows = np.nonzero((mask > threshold).any(axis=1))[0]
+    cols = np.nonzero((mask > threshold).any(axis=0))[0]
+    h, w = mask.shape
+    if not len(rows):
+        return (0.0, 0.0, 0.0, 0.0)
+    return (cols[0] / w, rows[0] / h, (cols[-1] + 1) / w, (rows[-1] + 1) / h)
+
+
+def _point_in_zone(rng, anatomy, side: int, zone: int, margin: float = 0.25):
+    u0, v0, u1, v1 = zone_box(anatomy, side, zone)
+    return (
+        rng.uniform(u0 + margin * (u1 - u0), u1 - margin * (u1 - u0)),
+        rng.uniform(v0 + margin * (v1 - v0), v1 - margin * (v1 - v0)),
+    )
+
+
+def _draw_round(canvas, u, v, lungs, anatomy, rng, side, s, z, *, big: bool):
+    """A nodule (``big=False``) or a mass: a round, for a mass lobulated, opacity."""
+    center = _point_in_zone(rng, anatomy, s, z)
+    # Sizes are in image fractions: at 128 px a nodule is 7-11 px across and a mass 14-20,
+    # so both stay resolvable by a 16-px-patch ViT at the embedded default's resolution.
+    radius = rng.uniform(0.055, 0.08) if big else rng.uniform(0.028, 0.042)
+    severity = "large" if big and radius > 0.07 else ("small" if radius < 0.033 else "")
+    shape = blob(u, v, center, radius, rng, irregular=0.18 if big else 0.0)
+    canvas += rng.uniform(0.36, 0.46) * shape
+    pad = radius * 1.15
+    return severity, (center[0] - pad, center[1] - pad, center[0] + pad, center[1] + pad)
+
+
+def _draw_consolidation(canvas, u, v, lungs, anatomy, rng, side, s, z):
+    center = _point_in_zone(rng, anatomy, s, z, margin=0.3)
+    patch = np.zeros_like(canvas)
+    for _ in range(rng.integers(4, 8)):
+        offset = rng.normal(0, 0.03, size=2)
+        c = (center[0] + offset[0], center[1] + offset[1])
+        patch = np.maximum(patch, blob(u, v, c, rng.uniform(0.025, 0.045), rng))
+    texture = 0.75 + 0.25 * smooth(rng.random(canvas.shape), passes=2)
+    patch = smooth(patch, passes=2) * lungs * texture
+    severity = "dense" if rng.random() < 0.5 else "patchy"
+    canvas += (0.42 if severity == "dense" else 0.32) * patch
+    return severity, _mask_box(patch)
+
+
+def _draw_atelectasis(canvas, u, v, lungs, anatomy, rng, side, s, z):
+    center = _point_in_zone(rng, anatomy, s, z)
+    angle = rng.uniform(-0.35, 0.35)
+    half = rng.uniform(0.06, 0.09)
+    du, dv = u - center[0], v - center[1]
+    along = du * np.cos(angle) + dv * np.sin(angle)
+    across = -du * np.sin(angle) + dv * np.cos(angle)
+    thick = rng.uniform(0.012, 0.018)  # 1.5-2.3 px at 128 px: a visible plate
+    band = np.exp(-((across / thick) ** 2)) * np.clip((half - np.abs(along)) * 60, 0, 1)
+    canvas += 0.36 * band * lungs
+    severity = str(rng.choice(["linear", "plate-like", "subsegmental"]))
+    eu, ev = abs(np.cos(angle)) * half, abs(np.sin(angle)) * half
+    box = (
+        center[0] - eu - 0.02,
+        center[1] - ev - 0.02,
+        center[0] + eu + 0.02,
+        center[1] + ev + 0.02,
+    )
+    return severity, box
+
+
+def _draw_effusion(canvas, u, v, lungs, anatomy, rng, side, s, z):
+    lung = lung_mask(u, v, anatomy, s)
+    (cu, cv), (ru, rv) = anatomy.lung_centers[s], anatomy.lung_radii[s]
+    height = rng.uniform(0.05, 0.16)
+    lateral = np.abs(u - cu) / ru
+    # Meniscus: the fluid climbs higher laterally.
+    level = cv + rv * 0.75 - height - 0.04 * lateral
+    fluid = lung * np.clip((v - level) * 60, 0, 1)
+    canvas += fluid * (0.62 - canvas) * 0.9
+    severity = "small" if height < 0.08 else ("moderate" if height < 0.12 else "large")
+    return severity, _mask_box(fluid)
+
+
+def _draw_pneumothorax(canvas, u, v, lungs, anatomy, rng, side, s, z):
+    lung = lung_mask(u, v, anatomy, s)
+    (cu, cv), (ru, rv) = anatomy.lung_centers[s], anatomy.lung_radii[s]
+    depth = rng.uniform(0.3, 0.5)
+    # The collapsed lung edge (visceral pleura) is a smaller ellipse anchored at the hilum.
+    shift = ru * depth * (1 if side == "left" else -1)
+    inner = ((u - cu + shift * 0.5) / (ru * (1 - depth))) ** 2 + (
+        (v - cv - rv * depth * 0.4) / (rv * (1 - depth * 0.6))
+    ) ** 2
+    air = lung * np.clip((inner - 1.0) * 4.0, 0, 1) * (v < cv + 0.05)
+    line = lung * np.exp(-(((inner - 1.0) / 0.06) ** 2)) * (v < cv)
+    canvas[:] = canvas * (1 - air) + air * 0.05 + 0.2 * line
+    return ("small" if depth < 0.38 else "large"), _mask_box(air)
+
+
+def _draw_cardiomegaly(canvas, u, v, lungs, anatomy, rng, side, s, z):
+    # Drawn with the heart (records.render_record enlarges its radii); the box is its bounds.
+    (hu, hv), (hr_u, hr_v) = anatomy.heart_center, anatomy.heart_radii
+    severity = "mild" if hr_u < 0.165 else "moderate"
+    return severity, (hu - hr_u, hv - hr_v, hu + hr_u, hv + hr_v)
+
+
+_DRAWERS = {
+    "nodule": functools.partial(_draw_round, big=False),
+    "mass": functools.partial(_draw_round, big=True),
+    "consolidation": _draw_consolidation,
+    "atelectasis": _draw_atelectasis,
+    "pleural effusion": _draw_effusion,
+    "pneumothorax": _draw_pneumothorax,
+    "cardiomegaly": _draw_cardiomegaly,
+}
+
+
+def draw_finding(canvas, u, v, lungs, anatomy, rng, name, side, zone) -> Finding:
+    """Draws one finding onto ``canvas [H, W]`` in place and returns it with its box.
+
+    ``u, v [H, W]`` are the pixel-centre coordinates, ``lungs [H, W]`` the soft lung mask (heart
+    removed); the box is normalised and clipped to ``[0, 1]``.
+
+    Raises:
+      ValueError: ``name`` is not a finding.
+    """
+    if name not in _DRAWERS:
+        raise ValueError(f"unknown finding {name!r}")
+    s = SIDES.index(side) if side else 0
+    z = ZONES.index(zone) if zone else 0
+    severity, box = _DRAWERS[name](canvas, u, v, lungs, anatomy, rng, side, s, z)
+    box = tuple(float(np.clip(b, 0.0, 1.0)) for b in box)
+    return Finding(name, side, zone, severity, box)

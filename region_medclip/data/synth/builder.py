@@ -1,23 +1,35 @@
 """TFDS builder of ``synth_cxr``: renders the synthetic films into array_record files.
 
 Builder configs fix the image size, the number of films and the seed (``128`` is the default,
-26,000 films ≈ 20,800 train). Rendering runs in a process pool: every film is a pure function of
-``(seed, index, size)``, so the result does not depend on the number of workers.
+26,000 films ≈ 20,800 train). The films render on every core (``parallel.render_records``),
+also from a process that has loaded JAX; every film is a pure function of
+``(seed, index, size)``, and the examples are written in canonical protobuf form, so two builds
+give the same bytes whatever the number of workers.
+
+Several processes may start on an empty ``data_dir`` at once (``launch/local_multiprocess.sh``
+runs one per simulated host): :func:`ensure_built` lets one of them build while the others
+wait on a file lock, then read what it built.
 """
 
+import contextlib
 import dataclasses
-import multiprocessing
+import fcntl
+import logging
 import os
-import sys
-from functools import partial
 from typing import ClassVar
 
 import tensorflow_datasets as tfds
 
 from region_medclip.data import synth
 from region_medclip.data.builders import common
+from region_medclip.data.synth import parallel
+from region_medclip.data.synth.records import split_of
+from region_medclip.data.synth.spec import LABELS
+
+_log = logging.getLogger("region_medclip.data.synth")
 
 DEFAULT_NUM = 26_000
+SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass
@@ -50,11 +62,6 @@ def make_config(size: int, num: int = DEFAULT_NUM, seed: int = 0) -> SynthConfig
     )
 
 
-def _render_example(index: int, size: int, seed: int):
-    record = synth.render_record(index, size=size, seed=seed)
-    return record["id"], common.to_example(record)
-
-
 class SynthCxr(tfds.core.GeneratorBasedBuilder):
     """Synthetic chest radiographs with findings, boxes, captions and reports."""
 
@@ -75,33 +82,31 @@ class SynthCxr(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=synth.__doc__,
-            features=common.record_features(len(synth.LABELS), raw_image=True),
-            metadata=tfds.core.MetadataDict(labels=list(synth.LABELS)),
+            features=common.record_features(len(LABELS), raw_image=True),
+            metadata=tfds.core.MetadataDict(labels=list(LABELS)),
         )
+
+    def _example_writer(self) -> tfds.core.ExampleWriter:
+        return common.CanonicalExampleWriter(file_format=self.info.file_format)
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download: the data is generated
         cfg = self.builder_config
-        for split in ("train", "validation", "test"):
-            if not any(synth.split_of(i, cfg.seed) == split for i in range(cfg.num)):
+        by_split = {split: [] for split in SPLITS}
+        for i in range(cfg.num):
+            by_split[split_of(i, cfg.seed)].append(i)
+        for split, indices in by_split.items():
+            if not indices:
                 raise ValueError(
                     f"synth_cxr num={cfg.num}: the {split!r} split gets no films (splits are by "
                     "patient, ~80/10/10); use a larger num (config.data.synth.num or --num)"
                 )
-        return {split: self._generate_examples(split) for split in ("train", "validation", "test")}
+        return {split: self._generate_examples(indices) for split, indices in by_split.items()}
 
-    def _generate_examples(self, split: str):
+    def _generate_examples(self, indices: list[int]):
         cfg = self.builder_config
-        indices = [i for i in range(cfg.num) if synth.split_of(i, cfg.seed) == split]
-        render = partial(_render_example, size=cfg.size, seed=cfg.seed)
-        workers = min(os.cpu_count() or 1, 8)
-        # Forked workers only while JAX is not loaded: forking a process that runs JAX's
-        # threads can deadlock, and spawn would re-import the caller's __main__.
-        if workers == 1 or len(indices) < 256 or "jax" in sys.modules:
-            yield from map(render, indices)
-            return
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            yield from pool.imap(render, indices, chunksize=64)
+        for record in parallel.render_records(indices, size=cfg.size, seed=cfg.seed):
+            yield record["id"], common.to_example(record)
 
 
 def builder(
@@ -115,9 +120,38 @@ def builder(
     return SynthCxr(data_dir=data_dir, config=config, file_format="array_record")
 
 
+def lock_path(data_dir: str, size: int = 128, num: int = DEFAULT_NUM, seed: int = 0) -> str:
+    """``<data_dir>/synth_cxr/.<config>.lock``: the lock the builds of one config take."""
+    folder = os.path.join(os.path.expanduser(os.fspath(data_dir)), SynthCxr.name)
+    return os.path.join(folder, f".{config_name(size, num, seed)}.lock")
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """Holds an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as file:  # closing the file releases the lock, also on a crash
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log.info("synth_cxr: waiting for the build that holds %s", path)
+            fcntl.flock(file, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_built(data_dir: str, size: int = 128, num: int = DEFAULT_NUM, seed: int = 0):
-    """Builds ``synth_cxr`` into ``data_dir`` if it is not there yet; returns the builder."""
+    """Builds ``synth_cxr`` into ``data_dir`` if it is not there yet; returns the builder.
+
+    Safe to call from several processes at once: one builds, the others wait and then read.
+    """
     b = builder(data_dir, size, num, seed)
-    if not b.is_prepared():
-        b.download_and_prepare()
+    if b.is_prepared():
+        return b
+    with _exclusive(lock_path(data_dir, size, num, seed)):
+        # Anew: a builder reads the dataset's info when it is made, and the process that held
+        # the lock before may have built the dataset since.
+        b = builder(data_dir, size, num, seed)
+        if not b.is_prepared():
+            _log.info("synth_cxr: building %s into %s", b.builder_config.name, data_dir)
+            b.download_and_prepare()
     return b
