@@ -1,6 +1,19 @@
-"""Phrase-grounding metrics on a heatmap and ground-truth boxes (MS-CXR format: pixel xyxy)."""
+"""Phrase grounding: metrics of a heatmap against ground-truth boxes (MS-CXR format: pixel
+xyxy), and the evaluator of kind ``grounding`` (:func:`run`, :func:`plot`).
+
+Each finding ROI's caption is the phrase; its heatmap is its similarity to every patch cell of
+the image (``emb["zpatch"] [N, grid², D]``), upsampled bilinearly to the image.
+"""
 
 import numpy as np
+
+from region_medclip.evaluators import plots
+
+# The keys of ``config.evals.<name>`` this evaluator reads, with their defaults.
+OPTIONS = dict(
+    threshold=0.5,  # IoU of the heatmap thresholded at this fraction of its min-max range
+    tolerance=0.0,  # pointing-game tolerance in pixels (0: the maximum in the box)
+)
 
 
 def boxes_mask(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -69,3 +82,89 @@ def iou_at_threshold(heatmap: np.ndarray, mask: np.ndarray, threshold: float = 0
     predicted = normalised >= threshold
     union = np.sum(predicted | mask)
     return float(np.sum(predicted & mask) / union) if union else float("nan")
+
+
+def phrase_mask(emb: dict[str, np.ndarray], no_finding: int = -1) -> np.ndarray:
+    """``[N, R]`` the ROIs whose captions are grounded: valid boxes of a finding. Boxes of clear
+    regions (``box_labels [N, R]`` equal to ``no_finding``, the dataset's "no finding" class,
+    as in synth_cxr) are not phrases to ground, as MS-CXR grounds findings only; -1: none."""
+    keep = emb["roi_mask"].astype(bool)
+    if no_finding >= 0:
+        keep = keep & (emb["box_labels"] != no_finding)
+    return keep
+
+
+def _heatmap(emb: dict[str, np.ndarray], i: int, r: int, grid: int) -> np.ndarray:
+    """``[S, S]``: ROI ``r`` of image ``i``'s caption against the image's patch cells."""
+    size = emb["images"].shape[1]
+    heat = (emb["zpatch"][i] @ emb["zcap"][i, r]).reshape(grid, grid)
+    return upsample(heat, size, size)
+
+
+def grounding_metrics(
+    emb: dict[str, np.ndarray],
+    *,
+    grid: int,
+    threshold: float,
+    tolerance: float = 0.0,
+    no_finding: int = -1,
+) -> dict[str, float]:
+    """CNR, pointing game and IoU of the thresholded heatmap with the box, each the mean over
+    the phrases of :func:`phrase_mask`. With ``tolerance > 0`` (pixels) the pointing game is also
+    reported with that tolerance, as ``pointing_game@<tolerance>px``.
+
+    ``emb``: ``images [N, S, S]``, ``zpatch [N, grid², D]``, ``zcap [N, R, D]``, ``boxes
+    [N, R, 4]`` normalised xyxy, ``roi_mask [N, R]`` (and ``box_labels [N, R]`` with
+    ``no_finding ≥ 0``).
+    """
+    size = emb["images"].shape[1]
+    scores = {"cnr": [], "pointing_game": [], f"miou@{threshold}": []}
+    tolerant = f"pointing_game@{tolerance:g}px"
+    if tolerance > 0:
+        scores[tolerant] = []
+    for i, r in zip(*np.nonzero(phrase_mask(emb, no_finding)), strict=True):
+        heat = _heatmap(emb, i, r, grid)
+        mask = boxes_mask(emb["boxes"][i, r][None] * size, size, size)
+        if not mask.any() or mask.all():
+            continue
+        scores["cnr"].append(cnr(heat, mask))
+        scores["pointing_game"].append(pointing_game(heat, mask))
+        if tolerance > 0:
+            scores[tolerant].append(pointing_game(heat, mask, tolerance))
+        scores[f"miou@{threshold}"].append(iou_at_threshold(heat, mask, threshold))
+    out = {k: float(np.nanmean(v)) if v else float("nan") for k, v in scores.items()}
+    out["phrases"] = float(len(scores["cnr"]))
+    return out
+
+
+def run(emb: dict[str, np.ndarray], *, ctx, threshold, tolerance) -> dict[str, float]:
+    """The ``grounding`` evaluator: :func:`grounding_metrics` on the ``ctx.grid`` patch cells,
+    boxes of ``ctx.dataset``'s "no finding" class left out."""
+    return grounding_metrics(
+        emb,
+        grid=ctx.grid,
+        threshold=threshold,
+        tolerance=tolerance,
+        no_finding=ctx.dataset.no_finding_index(),
+    )
+
+
+def plot(
+    emb: dict[str, np.ndarray], path: str, *, ctx, threshold, tolerance, count: int = 8
+) -> None:
+    """The heatmaps of the first ``count`` phrases over their images, titled with the phrase
+    (``threshold`` and ``tolerance`` unused: the maps are drawn unthresholded)."""
+    del threshold, tolerance
+    picks = list(zip(*np.nonzero(phrase_mask(emb, ctx.dataset.no_finding_index())), strict=True))
+    picks = picks[:count]
+    size = emb["images"].shape[1]
+    images = np.stack([emb["images"][i] for i, _ in picks])
+    heats = np.stack([_heatmap(emb, i, r, ctx.grid) for i, r in picks])
+    boxes = np.stack([emb["boxes"][i, r] * size for i, r in picks])
+    tokenizer = ctx.text.tokenizer
+    specials = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}
+    titles = [
+        tokenizer.tokenizer.decode([int(t) for t in emb["captions"][i, r] if t not in specials])
+        for i, r in picks
+    ]
+    plots.plot_grounding(images, heats, boxes, titles, path)

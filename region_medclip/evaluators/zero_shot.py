@@ -1,34 +1,46 @@
 """Zero-shot classification of findings from prompts.
 
-- Class embeddings: the mean of the L2-normalised embeddings of a class's prompts (templates,
-  MedCLIP-style combinations of severity × finding × location as captions or as the reports'
-  sentences, or the reports' own finding sentences), renormalised.
+- Class embeddings: the mean of the L2-normalised embeddings of a class's prompts, renormalised.
+  The prompts are a prompt set of the dataset's registry entry (``data/registry.py``):
+  ``templates`` for every dataset, and the sets written in a dataset's own report language
+  (``synth_cxr``: MedCLIP-style ``combinatorial`` captions, ``sentences``, ``report``).
 - Multi-label findings (CheXzero-style): each finding has a positive and a negative prompt set
   (its own negations, or the normal-study prompts for every finding);
   ``p(finding) = softmax(t · [sim_pos, sim_neg])[0]`` per image. Per-class and macro AUROC with
   bootstrap 95% CIs, macro F1 at p ≥ 0.5.
 - Single-label: images with exactly one label (including "no finding") are classified among all
   classes; top-1 / top-5 accuracy and macro F1.
+
+The evaluator of kind ``zero_shot`` is :func:`run` (metrics) and :func:`plot` (ROC curves).
 """
 
 import numpy as np
 
-from region_medclip.evaluators import common
+from region_medclip.data import registry
+from region_medclip.data.prompts import NEGATIVE_TEMPLATES, NORMAL_PROMPTS, template_prompts
+from region_medclip.evaluators import common, plots
 
-# Prompt templates in the language of radiology reports.
-POSITIVE_TEMPLATES = ("{}", "There is {}.", "FINDINGS: There is {}.", "IMPRESSION: {}.")
-NEGATIVE_TEMPLATES = ("No {}.", "There is no {}.", "FINDINGS: No {}.", "IMPRESSION: No {}.")
-PROMPT_SETS = ("templates", "combinatorial", "sentences", "report")
-# How a normal study is reported: the reference of every finding with ``negatives="normal"``.
-NORMAL_PROMPTS = (
-    "The lungs are clear.",
-    "Lungs are clear bilaterally.",
-    "No acute cardiopulmonary process.",
-    "Normal chest radiograph.",
-    "FINDINGS: The lungs are clear. IMPRESSION: No acute cardiopulmonary process.",
-    "FINDINGS: Lungs are clear bilaterally. IMPRESSION: Normal chest radiograph.",
-)
+__all__ = [
+    "NEGATIVE_SETS",
+    "NEGATIVE_TEMPLATES",
+    "OPTIONS",
+    "class_embeddings",
+    "evaluate",
+    "finding_probabilities",
+    "normal_embeddings",
+    "plot",
+    "positive_probability",
+    "run",
+    "template_prompts",
+]
+
 NEGATIVE_SETS = ("prompts", "normal")
+# The keys of ``config.evals.<name>`` this evaluator reads, with their defaults.
+OPTIONS = dict(
+    prompts="templates",  # a prompt set of the dataset's registry entry
+    negatives="prompts",  # each finding's own negations, or "normal" study prompts
+    bootstrap=1000,
+)
 
 
 def class_embeddings(encode, prompts: list[list[str]]) -> np.ndarray:
@@ -44,82 +56,6 @@ def class_embeddings(encode, prompts: list[list[str]]) -> np.ndarray:
         out.append(mean / max(np.linalg.norm(mean), 1e-12))
         start += len(group)
     return np.stack(out)
-
-
-def template_prompts(names: list[str], templates=POSITIVE_TEMPLATES) -> list[list[str]]:
-    """Every template filled with each class name."""
-    return [[t.format(name) for t in templates] for name in names]
-
-
-def combinatorial_prompts(names: list[str]) -> list[list[str]]:
-    """MedCLIP-style prompts: severity × finding × location phrases of the synthetic language
-    (a class without such phrases, e.g. "no finding", falls back to the templates)."""
-    from region_medclip.data.synth import LOCATIONS
-    from region_medclip.data.synth_text import SEVERITIES
-
-    out = []
-    for name in names:
-        prompts = []
-        for severity in SEVERITIES.get(name, ()):
-            for side, zone in LOCATIONS.get(name, ()):
-                where = f" in the {side} {zone} zone" if side else ""
-                prompts.append(f"{severity} {name}{where}".strip())
-        out.append(prompts or [t.format(name) for t in POSITIVE_TEMPLATES])
-    return out
-
-
-def sentence_prompts(names: list[str]) -> list[list[str]]:
-    """The combinatorial prompts phrased as the synthetic reports state a finding: severity ×
-    synonym × location (every zone word) in each of the reports' sentence templates ("A small
-    nodular opacity in the left base is noted."), and cardiomegaly's own sentences ("The heart
-    is enlarged."). CheXzero words its prompts after the reports it trained on: the global
-    image embedding is trained against report sentences, not box captions. Names without such
-    phrases (e.g. "no finding") fall back to the templates."""
-    from region_medclip.data import synth_text
-    from region_medclip.data.synth import LOCATIONS
-
-    out = []
-    for name in names:
-        prompts = []
-        for severity in synth_text.SEVERITIES.get(name, ()):
-            if name == "cardiomegaly":
-                prompts += [s.format(sev=severity) for s in synth_text.CARDIOMEGALY_SENTENCES]
-                continue
-            for synonym in synth_text.SYNONYMS[name]:
-                noun = " ".join(synonym.format(sev=severity).split())
-                for side, zone in LOCATIONS[name]:
-                    for word in synth_text.ZONE_WORDS[zone]:
-                        phrase = f"{noun} in the {side} {word}"
-                        prompts += [
-                            synth_text.sentence(t, phrase) for t in synth_text.SENTENCE_TEMPLATES
-                        ]
-        # Severity words may be empty: "nodule" and "small nodule" both occur; keep each once.
-        out.append(list(dict.fromkeys(prompts)) or [t.format(name) for t in POSITIVE_TEMPLATES])
-    return out
-
-
-def report_prompts(names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
-    """Positive and negative prompts in the language of the synthetic reports: each finding's
-    synonyms as report sentences ("There is a pleural fluid collection."), and the sentences the
-    reports use to rule it out ("Heart size is normal." for cardiomegaly), as CheXzero words its
-    prompts after the reports it was trained on. Names without such phrases (e.g. "no finding")
-    fall back to the templates.
-
-    Returns ``(positive [C][P], negative [C][Q])`` prompt lists.
-    """
-    from region_medclip.data.synth_text import NEGATIONS, SYNONYMS
-
-    positive, negative = [], []
-    for name in names:
-        phrases = [" ".join(s.format(sev="").split()) for s in SYNONYMS.get(name, ())]
-        positive.append(
-            [f"There is {p}." for p in phrases] + [f"IMPRESSION: {p}." for p in phrases]
-            or [t.format(name) for t in POSITIVE_TEMPLATES]
-        )
-        negative.append(
-            list(NEGATIONS.get(name, ())) or [t.format(name) for t in NEGATIVE_TEMPLATES]
-        )
-    return positive, negative
 
 
 def normal_embeddings(encode, count: int) -> np.ndarray:
@@ -143,69 +79,38 @@ def finding_probabilities(
     logit_scale: float,
     prompts: str,
     negatives: str = "prompts",
+    dataset: str | registry.Dataset,
 ) -> tuple[np.ndarray, list[int], np.ndarray]:
     """``p(finding | image)`` for the finding classes (names not starting with "no ").
 
+    ``prompts``: a prompt set of ``dataset`` (a registry name or entry), each class's positive
+    prompts and, for sets that have them, its negative ones ("There is no pleural fluid."); a
+    set without negatives weighs each finding against the generic negations ("No {finding}.").
     ``negatives``: what each finding's positive prompts are weighed against: ``prompts``, its
-    own negative prompts ("No {finding}.", or the report's negations), CheXzero's pairs; or
-    ``normal``, the normal-study prompts (:data:`NORMAL_PROMPTS`) for every finding, as MedCLIP
-    weighs each class against "No Finding". A contrastively trained text tower sees the finding
-    word in both "There is X." and "No X.", and a small one trained briefly reads negation
-    poorly; a normal report shares no finding word with the positive prompt.
+    own negative prompts, CheXzero's pairs; or ``normal``, the normal-study prompts
+    (:data:`NORMAL_PROMPTS`) for every finding, as MedCLIP weighs each class against "No
+    Finding". A contrastively trained text tower sees the finding word in both "There is X."
+    and "No X.", and a small one trained briefly reads negation poorly; a normal report shares
+    no finding word with the positive prompt.
 
     Returns ``(probs [N, F], finding class indices [F], class embeddings [C, D])``.
     """
-    if prompts not in PROMPT_SETS:
-        raise ValueError(f"config.evals.*.prompts: {prompts!r} is not one of {PROMPT_SETS}")
     if negatives not in NEGATIVE_SETS:
         raise ValueError(f"config.evals.*.negatives: {negatives!r} is not one of {NEGATIVE_SETS}")
+    entry = registry.get(dataset) if isinstance(dataset, str) else dataset
+    positive, negative = entry.prompts(prompts, class_names)
     findings = [c for c, name in enumerate(class_names) if not name.startswith("no ")]
-    names = [class_names[c] for c in findings]
-    if prompts == "report":
-        positive, negative = report_prompts(class_names)
-        zcls = class_embeddings(encode, positive)
-        zneg = class_embeddings(encode, [negative[c] for c in findings])
-    else:
-        make = {
-            "combinatorial": combinatorial_prompts,
-            "sentences": sentence_prompts,
-            "templates": template_prompts,
-        }[prompts]
-        zcls = class_embeddings(encode, make(class_names))
-        zneg = class_embeddings(encode, template_prompts(names, NEGATIVE_TEMPLATES))
+    zcls = class_embeddings(encode, positive)
+    if negative is None:
+        negative = template_prompts(class_names, NEGATIVE_TEMPLATES)
+    zneg = class_embeddings(encode, [negative[c] for c in findings])
     if negatives == "normal":
         zneg = normal_embeddings(encode, len(findings))
     return positive_probability(zimg, zcls[findings], zneg, logit_scale), findings, zcls
 
 
-def evaluate(
-    *,
-    zimg: np.ndarray,
-    labels: np.ndarray,
-    class_names: list[str],
-    encode,
-    logit_scale: float,
-    prompts: str = "templates",
-    negatives: str = "prompts",
-    bootstrap: int = 1000,
-) -> dict[str, float]:
-    """All zero-shot metrics for images ``zimg [N, D]`` with multi-hot ``labels [N, C]``
-    (``prompts`` and ``negatives`` as in :func:`finding_probabilities`).
-
-    Classes whose name starts with "no " (e.g. "no finding") have no negative prompt and are left
-    out of the multi-label AUROC; they take part in single-label classification.
-    """
-    labels = np.asarray(labels)
-    probs, findings, zcls = finding_probabilities(
-        zimg=zimg,
-        class_names=class_names,
-        encode=encode,
-        logit_scale=logit_scale,
-        prompts=prompts,
-        negatives=negatives,
-    )
-    names = [class_names[c] for c in findings]
-    y = labels[:, findings]
+def _auroc_metrics(probs: np.ndarray, y: np.ndarray, names, bootstrap: int) -> dict[str, float]:
+    """Per-class and macro AUROC (bootstrap CIs) and macro F1 of ``probs, y [N, F]``."""
     out: dict[str, float] = {}
     per_class = common.per_class_auroc(probs, y)
     for c, name in enumerate(names):
@@ -220,6 +125,39 @@ def evaluate(
         common.macro_auroc, probs, y, num_samples=bootstrap
     )
     out["multilabel_macro_f1"] = common.multilabel_f1(probs, y)
+    return out
+
+
+def evaluate(
+    *,
+    zimg: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    encode,
+    logit_scale: float,
+    prompts: str = "templates",
+    negatives: str = "prompts",
+    bootstrap: int = 1000,
+    dataset: str | registry.Dataset,
+) -> dict[str, float]:
+    """All zero-shot metrics for images ``zimg [N, D]`` with multi-hot ``labels [N, C]``
+    (``prompts``, ``negatives`` and ``dataset`` as in :func:`finding_probabilities`).
+
+    Classes whose name starts with "no " (e.g. "no finding") have no negative prompt and are left
+    out of the multi-label AUROC; they take part in single-label classification.
+    """
+    labels = np.asarray(labels)
+    probs, findings, zcls = finding_probabilities(
+        zimg=zimg,
+        class_names=class_names,
+        encode=encode,
+        logit_scale=logit_scale,
+        prompts=prompts,
+        negatives=negatives,
+        dataset=dataset,
+    )
+    names = [class_names[c] for c in findings]
+    out = _auroc_metrics(probs, labels[:, findings], names, bootstrap)
     single = (labels == 1).sum(1) == 1
     if single.any():
         logits = zimg[single] @ zcls.T
@@ -229,3 +167,39 @@ def evaluate(
         out["macro_f1"] = common.macro_f1(logits.argmax(1), targets, len(class_names))
         out["single_label_images"] = float(single.sum())
     return out
+
+
+def run(emb: dict[str, np.ndarray], *, ctx, prompts, negatives, bootstrap) -> dict[str, float]:
+    """The ``zero_shot`` evaluator: :func:`evaluate` on ``emb["zimg"] [N, D]`` and
+    ``emb["labels"] [N, C]`` with the class names and prompt sets of ``ctx.dataset``.
+
+    Raises:
+      ValueError: the dataset has no label names, or an unknown prompt / negative set.
+    """
+    return evaluate(
+        zimg=emb["zimg"],
+        labels=emb["labels"],
+        class_names=ctx.dataset.class_names(),
+        encode=ctx.text.encode,
+        logit_scale=float(emb["logit_scale"]),
+        prompts=prompts,
+        negatives=negatives,
+        bootstrap=bootstrap,
+        dataset=ctx.dataset,
+    )
+
+
+def plot(emb: dict[str, np.ndarray], path: str, *, ctx, prompts, negatives, bootstrap) -> None:
+    """ROC curve of each finding class (``bootstrap`` unused: the curves have no CIs)."""
+    del bootstrap
+    names = ctx.dataset.class_names()
+    probs, findings, _ = finding_probabilities(
+        zimg=emb["zimg"],
+        class_names=names,
+        encode=ctx.text.encode,
+        logit_scale=float(emb["logit_scale"]),
+        prompts=prompts,
+        negatives=negatives,
+        dataset=ctx.dataset,
+    )
+    plots.plot_roc(probs, emb["labels"][:, findings], [names[c] for c in findings], path)

@@ -1,0 +1,270 @@
+"""``run.evaluate`` dispatches every configured evaluator through the registry; the evaluators run
+in training and from the command line, and a trained workdir loads as the Python API."""
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from region_medclip.evaluators import plots, registry, run
+
+KINDS = ("zero_shot", "retrieval", "regions", "grounding", "modality_gap")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**evals) -> ml_collections.ConfigDict:
+    """The parts of a config that ``run.evaluate`` reads itself, with ``config.evals``."""
+    data = dict(eval="synth_cxr", image_size=8, text_len=8)
+    return ml_collections.ConfigDict(dict(data=data, train=dict(eval_every=5), evals=evals))
+
+
+def test_the_registry_holds_one_evaluator_per_kind():
+    assert tuple(registry.KINDS) == KINDS
+    evaluators = list(registry.KINDS.values())
+    assert len({e.run for e in evaluators}) == len({e.plot for e in evaluators}) == len(KINDS)
+    for evaluator in evaluators:
+        for fn in (evaluator.run, evaluator.plot):
+            parameters = inspect.signature(fn).parameters
+            assert parameters["ctx"].kind is inspect.Parameter.KEYWORD_ONLY
+            assert set(evaluator.options) <= set(parameters)
+        assert not set(evaluator.options) & set(registry.COMMON)
+    # run.py reads kinds only through the registry: it names none of them.
+    source = inspect.getsource(run)
+    assert not any(f'"{kind}"' in source or f"'{kind}'" in source for kind in KINDS)
+
+
+def test_eval_config_defaults_and_errors():
+    config = _config(
+        zs=dict(kind="zero_shot", prompts="sentences"),
+        ret=dict(kind="retrieval", bootstrap=20, every=0),
+        bad=dict(kind="nope"),
+        typo=dict(kind="grounding", treshold=0.3),
+    )
+    cfg = run.eval_config(config, "zs")
+    common = dict(kind="zero_shot", every=5, split="test", max_examples=0, batch_size=64)
+    assert cfg == dict(common, prompts="sentences", negatives="prompts", bootstrap=1000)
+    assert registry.options(cfg) == dict(prompts="sentences", negatives="prompts", bootstrap=1000)
+    # One line may set a key for every evaluator: the kinds that do not read it ignore it.
+    cfg = run.eval_config(config, "ret")
+    assert cfg["every"] == 0 and registry.options(cfg) == {}
+    with pytest.raises(ValueError, match=r"config.evals.bad.kind: 'nope' is not one of \('zero"):
+        run.eval_config(config, "bad")
+    with pytest.raises(ValueError, match=r"config.evals.typo: unknown keys \['treshold'\]"):
+        run.eval_config(config, "typo")
+
+
+def _fake_evaluators(monkeypatch, calls: list) -> None:
+    """Replaces every registry evaluator by one that records its calls."""
+
+    def fake(kind: str) -> registry.Evaluator:
+        def run_(emb, *, ctx, **options):
+            calls.append(("run", kind, ctx.split, ctx.dataset.name, ctx.grid, options))
+            return {"n": float(len(calls))}
+
+        def plot_(emb, path, *, ctx, **options):
+            calls.append(("plot", kind, os.path.basename(path), options))
+            with open(path, "wb") as f:
+                f.write(b"png")
+
+        return registry.Evaluator(run_, plot_, registry.KINDS[kind].options)
+
+    for kind in KINDS:
+        monkeypatch.setitem(registry.KINDS, kind, fake(kind))
+
+
+def test_evaluate_dispatches_each_configured_kind(monkeypatch, tmp_path):
+    calls, embedded = [], []
+    _fake_evaluators(monkeypatch, calls)
+
+    def embed_split(model, params, data_config, *, split, batch_size, grid, max_examples):
+        embedded.append((split, batch_size, grid, max_examples))
+        return {"zimg": np.zeros((3 if split == "test" else 2, 4))}
+
+    monkeypatch.setattr(run.embeddings_lib, "embed_split", embed_split)
+    monkeypatch.setattr(run, "patch_grid", lambda model, config: 4)
+    paired = dict(kind="zero_shot", negatives="normal", split="validation")
+    config = _config(**{kind: dict(kind=kind) for kind in KINDS}, paired=paired)
+    results = run.evaluate(config, None, None, plot_dir=str(tmp_path / "plots"))
+    names = list(config.evals)  # the config's order (a ConfigDict sorts its keys)
+    assert list(results) == names and len(names) == 6
+    assert [results[n]["examples"] for n in names] == [2.0 if n == "paired" else 3.0 for n in names]
+    assert sorted(embedded) == [("test", 64, 4, 0), ("validation", 64, 4, 0)]  # one pass a split
+    runs = dict(zip(names, (c[1:] for c in calls if c[0] == "run"), strict=True))
+    assert {n: r[0] for n, r in runs.items()} == {**{k: k for k in KINDS}, "paired": "zero_shot"}
+    assert all(r[1:4] == ("test", "synth_cxr", 4) for n, r in runs.items() if n != "paired")
+    assert runs["zero_shot"][4] == dict(prompts="templates", negatives="prompts", bootstrap=1000)
+    assert runs["grounding"][4] == dict(threshold=0.5, tolerance=0.0)
+    assert runs["paired"][1] == "validation" and runs["paired"][4]["negatives"] == "normal"
+    assert all(runs[k][4] == {} for k in ("retrieval", "regions", "modality_gap"))
+    plotted = [c[2] for c in calls if c[0] == "plot"]
+    assert plotted == [f"{name}.png" for name in results]
+    assert sorted(os.listdir(tmp_path / "plots")) == sorted(plotted)
+    # Only the evaluators named run, and without plot_dir nothing is plotted.
+    calls.clear()
+    assert list(run.evaluate(config, None, None, names=["regions"])) == ["regions"]
+    assert [c[:2] for c in calls] == [("run", "regions")]
+    assert run.evaluate(config, None, None, names=[]) == {}
+    with pytest.raises(ValueError, match="config.evals.bad.kind"):
+        run.evaluate(_config(bad=dict(kind="nope")), None, None)
+
+
+def test_write_saves_json_and_scalars_and_returns_the_table(tmp_path):
+    results = {
+        "zero_shot": {"macro_auroc": 0.75, "macro_auroc/ci_low": 0.5, "auroc/nodule": 0.7},
+        "a_long_evaluator_name": {"gap": 0.5, "top1": float("nan")},
+    }
+    scalars = []
+
+    class Board:
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+    text = run.write(str(tmp_path), 3, results, Board())
+    saved = json.loads((tmp_path / "eval" / "3.json").read_text())
+    assert saved == {"step": 3, **results, "a_long_evaluator_name": {"gap": 0.5, "top1": None}}
+    assert ("eval/zero_shot/auroc/nodule", 0.7, 3) in scalars and len(scalars) == 4
+    assert text == run.table(3, results)
+    lines = text.splitlines()
+    assert lines[0] == "evaluation at step 3" and len(lines) == 5  # no CI or per-class rows
+    assert lines[-2].startswith("a_long_evaluator_name  gap")  # the name column fits
+
+
+def test_plots_write_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    probs, labels = rng.random((40, 3)), (rng.random((40, 3)) < 0.5).astype(float)
+    plots.plot_roc(probs, labels, ["a", "b", "c"], str(tmp_path / "roc.png"))
+    plots.plot_recall({"x": rng.integers(1, 40, 40)}, str(tmp_path / "recall.png"))
+    heat = rng.random((2, 32, 32))
+    boxes = np.array([[2, 2, 10, 12], [5, 5, 30, 30]], float)
+    plots.plot_grounding(heat, heat, boxes, ["p", "q"], str(tmp_path / "ground.png"))
+    z = rng.normal(size=(20, 8))
+    plots.plot_pca(
+        z / np.linalg.norm(z, axis=1, keepdims=True), z[::-1] / 4, str(tmp_path / "p.png")
+    )
+    for name in ("roc", "recall", "ground", "p"):
+        with Image.open(tmp_path / f"{name}.png") as image:
+            assert image.format == "PNG"
+
+
+@pytest.fixture(scope="module")
+def trained(synth_data_dir, tmp_path_factory) -> dict:
+    """Two micro steps with every evaluator at step 2: the workdir, the training result and the
+    evaluation it saved."""
+    import micro_config
+
+    from region_medclip import train
+
+    c = micro_config.get_config(f"data_dir={synth_data_dir},steps=2,evals")
+    workdir = tmp_path_factory.mktemp("evaluators") / "run"
+    result = train.train_and_evaluate(c, str(workdir))
+    saved = json.loads((workdir / "eval" / "2.json").read_text())
+    return dict(data_dir=synth_data_dir, workdir=workdir, result=result, saved=saved)
+
+
+def test_evaluators_run_in_training(trained):
+    workdir, result, saved = trained["workdir"], trained["result"], trained["saved"]
+    assert saved["step"] == 2 and set(KINDS) <= set(saved)
+    # The 32 px test split holds 9 films: a full batch of 8 and a padded one of 1.
+    assert saved["retrieval"]["examples"] == 9 and 1 <= saved["retrieval"]["i2t/median_rank"]
+    assert 0 <= saved["zero_shot"]["macro_auroc"] <= 1
+    assert 0 <= saved["regions"]["within_image_top1"] <= 1
+    assert 0 <= saved["grounding"]["pointing_game"] <= 1
+    assert 0 <= saved["modality_gap"]["gap"] <= 2
+    assert result["eval"]["retrieval"]["i2t/R@10"] == saved["retrieval"]["i2t/R@10"]
+    for kind in KINDS:  # one PNG per evaluator, readable as an image
+        with Image.open(workdir / "plots" / "2" / f"{kind}.png") as image:
+            assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_the_evaluate_cli_reproduces_the_numbers(trained):
+    """The CLI on the same checkpoint reproduces the numbers."""
+    workdir, saved = trained["workdir"], trained["saved"]
+    (workdir / "eval" / "2.json").unlink(missing_ok=True)
+    evals_arg = f"data_dir={trained['data_dir']},steps=2,evals"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "region_medclip.evaluate",
+            f"--config={os.path.join(ROOT, 'tests', 'micro_config.py')}:{evals_arg}",
+            f"--workdir={workdir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluation at step 2" in proc.stdout
+    again = json.loads((workdir / "eval" / "2.json").read_text())
+    assert again["retrieval"] == saved["retrieval"]
+    assert again["regions"] == saved["regions"]
+
+
+def test_load_api(trained, caplog):
+    import region_medclip
+    from region_medclip.data import synth
+
+    model = region_medclip.load(str(trained["workdir"]))
+    record = synth.render_record(0, size=48)  # another size: preprocess resizes
+    x = model.preprocess(record["image"])
+    assert x.shape == (1, 32, 32, 3) and x.dtype == np.float32
+    z = model.encode_image(x)
+    assert z.shape == (1, 32) and np.allclose(np.linalg.norm(z, axis=1), 1, atol=1e-5)
+    t = model.encode_text(["no finding", record["report"]])
+    assert t.shape == (2, 32) and np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    ids = model.tokenizer(["no finding"], 32)
+    np.testing.assert_allclose(model.encode_text(ids), t[:1], atol=1e-6)  # batch of 1 vs 2
+    probs = model.zero_shot(np.stack([record["image"]] * 2), ["nodule", "pleural effusion"])
+    assert probs.shape == (2, 2) and ((probs > 0) & (probs < 1)).all()
+    # Against the normal-study prompts: the same positive prompts, one shared reference.
+    normal = model.zero_shot(record["image"], ["nodule", "pleural effusion"], negatives="normal")
+    assert normal.shape == (1, 2) and ((normal > 0) & (normal < 1)).all()
+    assert not np.allclose(normal, probs[:1])
+    with pytest.raises(ValueError, match="negatives"):
+        model.zero_shot(record["image"], ["nodule"], negatives="none")
+    caplog.clear()
+    heat = model.ground(record["image"], "nodule in the right upper zone")
+    assert heat.shape == (32, 32) and np.isfinite(heat).all()
+    assert not any("were cut" in m for m in caplog.messages)
+    long_phrase = " ".join(["small nodule in the right upper zone"] * 8)
+    assert np.isfinite(model.ground(record["image"], long_phrase)).all()
+    assert any("1 of 1 phrases are longer than data.caption_len" in m for m in caplog.messages)
+
+
+def test_predict_cli(trained, tmp_path):
+    import region_medclip
+    from region_medclip.data import synth
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        region_medclip.load(str(tmp_path / "empty"))
+    record = synth.render_record(0, size=48)
+    png = tmp_path / "x.png"
+    Image.fromarray(record["image"]).save(png)
+    out = tmp_path / "heat.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "region_medclip.predict",
+            f"--workdir={trained['workdir']}",
+            f"--image={png}",
+            "--labels=nodule,pleural effusion",
+            "--phrase=nodule in the right upper zone",
+            f"--out={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith(("nodule", "pl"))]
+    assert len(lines) == 2 and all(0 < float(line[-1]) < 1 for line in lines)
+    assert Image.open(out).size == (32, 32)
