@@ -1,12 +1,19 @@
-"""The device mesh and how arrays are laid out on it.
+"""The device mesh and how arrays are laid out on it, declared once by logical axis name.
 
 Mesh axes are ``("data", "fsdp")``. The batch is split over both axes (every device holds
 ``global_batch / num_devices`` examples); parameters are replicated, or with ``mesh.fsdp > 1``
 split along their ``embed`` logical axis over ``fsdp`` (ZeRO-3 style: XLA all-gathers a layer's
 weights where it is used and reduce-scatters its gradient).
+
+One rules table (:func:`logical_rules`) maps every logical name to mesh axes: the parameters'
+(``embed``, ``mlp``, ...), the activations' (``batch``, ``length``) and the ``jax.shard_map``
+specs of the losses (:func:`logical_spec`). :func:`with_logical_rules` runs a jitted function
+on its mesh, where the modules' activation annotations (:func:`constrain`) constrain GSPMD's
+layout.
 """
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,10 +49,17 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(data, fsdp), AXES)
 
 
-def logical_rules(mesh: Mesh) -> tuple[tuple[str, str | None], ...]:
-    """Logical parameter axes → mesh axes. Only ``embed`` is ever split (over ``fsdp``)."""
+def logical_rules(mesh) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """Logical axes → mesh axes, in priority order.
+
+    ``batch`` (activations) is split over every batch axis and comes first: an activation
+    ``[batch, length, embed]`` then finds ``fsdp`` taken and keeps ``embed`` whole, while a
+    parameter (which has no ``batch`` axis) splits ``embed`` over ``fsdp`` when it is > 1.
+    """
     fsdp = "fsdp" if mesh.shape["fsdp"] > 1 else None
     return (
+        ("batch", BATCH_AXES),
+        ("length", None),
         ("embed", fsdp),
         ("mlp", None),
         ("heads", None),
@@ -88,3 +102,54 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over every device."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def logical_spec(names: tuple[str | None, ...], mesh) -> P:
+    """The ``PartitionSpec`` of logical axis ``names`` under :func:`logical_rules` (for
+    ``jax.shard_map`` specs and explicit shardings)."""
+    return P(*nn.logical_to_mesh_axes(names, logical_rules(mesh)))
+
+
+@contextlib.contextmanager
+def rules_context(mesh: Mesh):
+    """``mesh`` as the ambient mesh: inside it, :func:`constrain` annotations become sharding
+    constraints under :func:`logical_rules` (outside it they are no-ops).
+
+    The table is passed to flax explicitly rather than entered with ``nn.logical_axis_rules``:
+    under flax's rules context a ``DenseGeneral`` with logically named multi-axis features
+    constrains its kernel while still flat (at init and at apply's shape check) and fails.
+    """
+    with jax.set_mesh(mesh):
+        yield
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """``x`` constrained to the layout of logical axis ``names`` on the ambient mesh (a no-op
+    without one, e.g. when a model is applied outside the train step)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return nn.with_logical_constraint(x, names, rules=logical_rules(mesh))
+
+
+class _WithRules:
+    """A jitted function traced, lowered and called inside :func:`rules_context`."""
+
+    def __init__(self, fn: Callable, mesh: Mesh):
+        self._fn, self._mesh = fn, mesh
+
+    def __call__(self, *args, **kwargs):
+        with rules_context(self._mesh):
+            return self._fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with rules_context(self._mesh):
+            return self._fn.lower(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._fn, name)
+
+
+def with_logical_rules(jitted: Callable, mesh: Mesh) -> Callable:
+    """``jitted`` run (and lowered, ``.lower(...)``) inside :func:`rules_context` of ``mesh``."""
+    return _WithRules(jitted, mesh)

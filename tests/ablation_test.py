@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from region_medclip import ablation
+from region_medclip.train import ablation
 
 
 def test_summarise_means_and_stds_by_hand():
@@ -26,8 +26,8 @@ def test_summarise_means_and_stds_by_hand():
 def test_every_variant_trains_evaluates_and_is_not_trained_twice(tmp_path):
     import micro_config
 
-    from configs import common
-    from region_medclip.data.builders import synth_cxr
+    from region_medclip import config as common
+    from region_medclip.data.synth import builder as synth_cxr
 
     data_dir = str(tmp_path / "tfds")
     synth_cxr.ensure_built(data_dir, size=32, num=160, seed=0)

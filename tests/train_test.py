@@ -15,8 +15,9 @@ import optax
 import pytest
 
 import conftest
-from region_medclip import checkpointing, metrics_writer, optim, train
+from region_medclip import checkpointing, metrics_writer, train
 from region_medclip import sharding as sharding_lib
+from region_medclip.train import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(ROOT, "tests", "micro_config.py")
@@ -25,7 +26,7 @@ CONFIG_FILE = os.path.join(ROOT, "tests", "micro_config.py")
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """synth_cxr at 32 px, 160 films, built once for the module."""
-    from region_medclip.data.builders import synth_cxr
+    from region_medclip.data.synth import builder as synth_cxr
 
     path = str(tmp_path_factory.mktemp("tfds"))
     synth_cxr.ensure_built(path, size=32, num=160, seed=0)

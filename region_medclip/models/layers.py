@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from region_medclip import sharding
+
 Dtype = Any
 
 # open_clip / OpenAI CLIP use torch's LayerNorm default; BERT overrides it with 1e-12.
@@ -48,8 +50,9 @@ def logical(init: Callable, names: tuple[str | None, ...]) -> Callable:
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-    """Logical sharding constraint on an activation (no-op without a mesh and rules)."""
-    return nn.with_logical_constraint(x, names)
+    """Logical sharding constraint on an activation under the rules table of
+    :mod:`region_medclip.sharding` (a no-op outside a mesh, e.g. applied outside the step)."""
+    return sharding.constrain(x, names)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,207 @@
+"""One training step: forward, the sharded loss, gradient accumulation and the guarded update.
+
+The model runs under ``jax.jit`` with explicit shardings (GSPMD partitions it from the param and
+batch layouts); the losses run inside ``jax.shard_map`` over the batch axes, where each device
+holds its local shard and the losses' own collectives assemble the global-batch loss.
+"""
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from region_medclip import losses
+from region_medclip import sharding as sharding_lib
+from region_medclip.models import clip
+from region_medclip.models.teacher import concept_embeddings
+from region_medclip.train import state as state_lib
+
+# Batch keys the loss reads besides the embeddings.
+_LOSS_BATCH_KEYS = ("roi_mask", "cap_ids", "neg_mask", "labels")
+
+
+def _apply(model, params, method, *args):
+    return model.apply({"params": params}, *args, method=method)
+
+
+def forward(model, params, batch, loss_config) -> dict[str, jax.Array]:
+    """Model outputs ``total_loss`` needs: ``zimg, ztxt [n, D]``, ``zroi [n, R, D]``, ``zcap
+    [n, R, D]`` (β or γ > 0), ``zneg [n, R, K, D]`` (γ > 0), ``logit_scale``, ``logit_bias``, from
+    ``images [n, S, S, 3]``, ``texts [n, L]``, ``boxes [n, R, 4]``, ``roi_mask [n, R]``,
+    ``captions [n, R, Lc]`` and ``negatives [n, R, K, Lc]``. Captions and negatives go through
+    the text tower in one call."""
+    out = model.apply(
+        {"params": params}, batch["images"], batch["texts"], batch["boxes"], batch["roi_mask"]
+    )
+    out.pop("patch_tokens")
+    if loss_config.beta > 0 or loss_config.gamma > 0:
+        if loss_config.gamma > 0:
+            tokens = jnp.concatenate([batch["captions"][:, :, None], batch["negatives"]], axis=2)
+            z = _apply(model, params, clip.RegionCLIP.encode_text, tokens)  # [n, R, 1 + K, D]
+            out["zcap"], out["zneg"] = z[:, :, 0], z[:, :, 1:]
+        else:
+            out["zcap"] = _apply(model, params, clip.RegionCLIP.encode_text, batch["captions"])
+    return out
+
+
+def sharded_total_loss(mesh: Mesh, loss_config, **kwargs):
+    """``losses.total_loss`` over the global batch, run per device inside ``jax.shard_map``
+    (its specs split every non-scalar over the batch axes of :mod:`region_medclip.sharding`)."""
+    axes = sharding_lib.BATCH_AXES
+
+    def spec(x):
+        return P() if jnp.ndim(x) == 0 else sharding_lib.logical_spec(("batch",), mesh)
+
+    def local(out, batch, student, teacher):
+        return losses.total_loss(
+            out=out,
+            batch=batch,
+            loss_config=loss_config,
+            student_logits=student,
+            teacher_logits=teacher,
+            axis_name=axes,
+        )
+
+    args = (kwargs["out"], kwargs["batch"], kwargs["student_logits"], kwargs["teacher_logits"])
+    fn = jax.shard_map(local, mesh=mesh, in_specs=jax.tree.map(spec, args), out_specs=(P(), P()))
+    return fn(*args)
+
+
+def make_loss_fn(model, config, mesh: Mesh, teacher=None) -> Callable:
+    """``loss_fn(params, batch, teacher_params) → (loss, metrics)`` of the global batch."""
+    loss_config = config.loss
+    distill = teacher is not None and loss_config.lambda_ > 0
+
+    def loss_fn(params, batch, teacher_params):
+        out = forward(model, params, batch, loss_config)
+        loss_batch = {k: batch[k] for k in _LOSS_BATCH_KEYS if k in batch}
+        # Uncertain (−1) findings count as absent in the label-similarity loss (U-zeros).
+        loss_batch["labels"] = jnp.maximum(batch["labels"], 0.0)
+        student_logits = teacher_logits = None
+        if distill:
+            temperature = config.teacher.temperature
+            concepts = concept_embeddings(model, params, teacher.concept_tokens)
+            student_logits = jnp.einsum("nrd,cd->nrc", out["zroi"], concepts) / temperature
+            teacher_logits = teacher.logits(
+                teacher_params, batch["images"], batch["boxes"], batch["roi_mask"], temperature
+            )
+        return sharded_total_loss(
+            mesh,
+            loss_config,
+            out=out,
+            batch=loss_batch,
+            student_logits=student_logits,
+            teacher_logits=teacher_logits,
+        )
+
+    return loss_fn
+
+
+def make_gradients_fn(loss_fn: Callable, accum: int, batch_sharding) -> Callable:
+    """``gradients(params, batch, teacher_params) → (loss, metrics, grads)``, averaged over
+    ``accum`` micro-batches (each a strided ``1/accum`` of the batch, with its own negatives)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_batches(batch):
+        # Strided split: micro-batch j takes rows j, j + k, ...; each keeps the layout over devices.
+        def split(x):
+            return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
+        return jax.tree.map(split, batch)
+
+    def gradients(params, batch, teacher_params):
+        if accum == 1:
+            (loss, metrics), grads = grad_fn(params, batch, teacher_params)
+            return loss, metrics, grads
+
+        def body(carry, micro):
+            micro = jax.tree.map(
+                lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), micro
+            )
+            (loss, metrics), grads = grad_fn(params, micro, teacher_params)
+            acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+            return acc, None
+
+        zeros = jax.eval_shape(
+            grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches(batch)), teacher_params
+        )
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1], zeros[1])
+        )
+        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro_batches(batch))
+        return jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+
+    return gradients
+
+
+def _fingerprint(texts: jax.Array) -> jax.Array:
+    """A fingerprint of a batch's report tokens: equal data order ⇔ equal sequences of these."""
+    texts = texts.astype(jnp.uint32)
+    weights = jnp.arange(1, texts.size + 1, dtype=jnp.uint32).reshape(texts.shape)
+    return jnp.sum(texts * weights)
+
+
+def make_train_step(
+    *,
+    model: clip.RegionCLIP,
+    tx: optax.GradientTransformation,
+    lr_fn: Callable,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    state_sharding,
+    teacher=None,
+) -> Callable:
+    """The jitted ``train_step(state, batch, teacher_params) → (state, metrics)``.
+
+    The state is donated. A step whose loss or gradient is not finite leaves params and optimizer
+    state unchanged and counts itself in ``state.skipped`` / ``state.bad_streak``. The step is
+    traced inside the logical-axis rules of ``mesh``, so the modules' activation annotations
+    (``batch``, ``length``, ...) constrain the layout GSPMD gives them.
+    """
+    clamp = config.loss.global_kind != "sigmoid"  # softmax-style scale clamped to [0, log 100]
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    loss_fn = make_loss_fn(model, config, mesh, teacher)
+    gradients = make_gradients_fn(loss_fn, int(config.train.grad_accum), batch_sharding)
+
+    def train_step(state: state_lib.TrainState, batch, teacher_params):
+        loss, metrics, grads = gradients(state.params, batch, teacher_params)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if clamp:
+            params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, math.log(100))}
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+        bad = (~ok).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            rng=jax.random.fold_in(state.rng, state.step),
+            skipped=state.skipped + bad,
+            bad_streak=(state.bad_streak + bad) * bad,
+        )
+        metrics = {
+            **metrics,
+            "grad_norm": grad_norm,
+            "lr": lr_fn(state.step),
+            "skipped_steps": new_state.skipped,
+            "bad_streak": new_state.bad_streak,
+            "nonfinite": bad,
+            "data/fingerprint": _fingerprint(batch["texts"]),
+        }
+        return new_state, metrics
+
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding, sharding_lib.replicated(mesh)),
+        out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    return sharding_lib.with_logical_rules(jitted, mesh)
