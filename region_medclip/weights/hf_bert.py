@@ -13,35 +13,14 @@ import re
 
 import numpy as np
 
+from region_medclip.weights import tensors
+
+# Also reached as hf_bert.checkpoint_file / hf_bert.read_state_dict.
+checkpoint_file = tensors.checkpoint_file
+read_state_dict = tensors.read_state_dict
+
 # Checkpoint tensors our tower has no use for: BERT's NSP pooler and non-parameter buffers.
 _UNUSED = re.compile(r"^(pooler\.|embeddings\.position_ids$)")
-
-
-def checkpoint_file(path: str) -> str:
-    """The weights file of ``path`` (a file, or a directory with safetensors or a .bin)."""
-    if os.path.isfile(path):
-        return path
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        candidate = os.path.join(path, name)
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors or PyTorch (.bin/.pt) file as float32 numpy arrays, keyed as in
-    the file."""
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        tensors = load_file(path)
-    else:
-        import torch  # PyTorch pickles need torch; weights_only refuses arbitrary code
-
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        loaded = loaded.get("state_dict", loaded)
-        tensors = {k: v.float().numpy() for k, v in loaded.items()}
-    return {k: np.asarray(v) for k, v in tensors.items()}
 
 
 def bert_config(path: str) -> dict:
@@ -87,57 +66,31 @@ def to_bert_params(
     Raises:
       KeyError / ValueError: naming the missing, unused or mis-shaped tensor and ``source``.
     """
-    state = _strip_prefix(state)
-    used: set[str] = set()
-
-    def take(key: str) -> np.ndarray:
-        if key not in state:
-            raise KeyError(f"{source}: tensor {key!r} is missing")
-        used.add(key)
-        return state[key]
-
-    width = take("embeddings.word_embeddings.weight").shape[1]
-    head_dim = width // heads
-
-    def dense(prefix):
-        return {"kernel": take(f"{prefix}.weight").T, "bias": take(f"{prefix}.bias")}
-
-    def norm(prefix):
-        return {"scale": take(f"{prefix}.weight"), "bias": take(f"{prefix}.bias")}
-
-    def attention_in(prefix):
-        w, b = take(f"{prefix}.weight"), take(f"{prefix}.bias")
-        return {"kernel": w.T.reshape(width, heads, head_dim), "bias": b.reshape(heads, head_dim)}
-
+    # Stored dtype kept: open_clip passes its BERT tensors through unconverted.
+    reader = tensors.StateReader(_strip_prefix(state), source, dtype=None)
+    width = reader.take("embeddings.word_embeddings.weight").shape[1]
     params = {
-        "word_embeddings": {"embedding": take("embeddings.word_embeddings.weight")},
-        "position_embeddings": {"embedding": take("embeddings.position_embeddings.weight")},
-        "token_type_embeddings": {"embedding": take("embeddings.token_type_embeddings.weight")},
-        "ln_embed": norm("embeddings.LayerNorm"),
+        "word_embeddings": {"embedding": reader.take("embeddings.word_embeddings.weight")},
+        "position_embeddings": {"embedding": reader.take("embeddings.position_embeddings.weight")},
+        "token_type_embeddings": {
+            "embedding": reader.take("embeddings.token_type_embeddings.weight")
+        },
+        "ln_embed": reader.norm("embeddings.LayerNorm"),
     }
     for i in range(depth):
         layer = f"encoder.layer.{i}"
-        out_w = take(f"{layer}.attention.output.dense.weight")
+        out = reader.linear(f"{layer}.attention.output.dense")
+        qkv = [reader.linear(f"{layer}.attention.self.{n}") for n in ("query", "key", "value")]
         params[f"block{i}"] = {
-            "attn": {
-                "query": attention_in(f"{layer}.attention.self.query"),
-                "key": attention_in(f"{layer}.attention.self.key"),
-                "value": attention_in(f"{layer}.attention.self.value"),
-                "out": {
-                    "kernel": out_w.T.reshape(heads, head_dim, width),
-                    "bias": take(f"{layer}.attention.output.dense.bias"),
-                },
-            },
-            "ln_attn": norm(f"{layer}.attention.output.LayerNorm"),
+            "attn": tensors.attention(qkv, out, width, heads),
+            "ln_attn": reader.norm(f"{layer}.attention.output.LayerNorm"),
             "mlp": {
-                "fc1": dense(f"{layer}.intermediate.dense"),
-                "fc2": dense(f"{layer}.output.dense"),
+                "fc1": reader.dense(f"{layer}.intermediate.dense"),
+                "fc2": reader.dense(f"{layer}.output.dense"),
             },
-            "ln_mlp": norm(f"{layer}.output.LayerNorm"),
+            "ln_mlp": reader.norm(f"{layer}.output.LayerNorm"),
         }
-    left = sorted(k for k in state if k not in used and not _UNUSED.match(k))
-    if left:
-        raise ValueError(f"{source}: tensors not used by a {depth}-layer BERT: {left[:5]}")
+    reader.check_all_used(lambda k: bool(_UNUSED.match(k)), f"a {depth}-layer BERT")
     return params
 
 

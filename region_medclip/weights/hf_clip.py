@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from region_medclip.weights import hf_bert
+from region_medclip.weights import tensors
 
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh"}
 
@@ -60,37 +60,25 @@ def model_config(path: str) -> dict:
     )
 
 
-def _encoder(take, prefix: str, depth: int, width: int, heads: int) -> dict:
-    head_dim = width // heads
-
-    def attention_in(name):
-        w, b = take(f"{name}.weight"), take(f"{name}.bias")
-        return {"kernel": w.T.reshape(width, heads, head_dim), "bias": b.reshape(heads, head_dim)}
-
-    def dense(name):
-        return {"kernel": take(f"{name}.weight").T, "bias": take(f"{name}.bias")}
-
-    def norm(name):
-        return {"scale": take(f"{name}.weight"), "bias": take(f"{name}.bias")}
-
+def _encoder(reader: tensors.StateReader, prefix: str, depth: int, width: int, heads: int) -> dict:
+    """``{prefix}.encoder.layers.*`` → our ``block{i}`` params (separate q/k/v Linears)."""
     blocks = {}
     for i in range(depth):
         layer = f"{prefix}.encoder.layers.{i}"
         attn = f"{layer}.self_attn"
-        blocks[f"block{i}"] = {
-            "ln_1": norm(f"{layer}.layer_norm1"),
-            "attn": {
-                "query": attention_in(f"{attn}.q_proj"),
-                "key": attention_in(f"{attn}.k_proj"),
-                "value": attention_in(f"{attn}.v_proj"),
-                "out": {
-                    "kernel": take(f"{attn}.out_proj.weight").T.reshape(heads, head_dim, width),
-                    "bias": take(f"{attn}.out_proj.bias"),
-                },
-            },
-            "ln_2": norm(f"{layer}.layer_norm2"),
-            "mlp": {"fc1": dense(f"{layer}.mlp.fc1"), "fc2": dense(f"{layer}.mlp.fc2")},
-        }
+        blocks[f"block{i}"] = tensors.pre_norm_block(
+            reader,
+            ln_1=f"{layer}.layer_norm1",
+            attn=tensors.attention(
+                [reader.linear(f"{attn}.{n}_proj") for n in ("q", "k", "v")],
+                reader.linear(f"{attn}.out_proj"),
+                width,
+                heads,
+            ),
+            ln_2=f"{layer}.layer_norm2",
+            fc1=f"{layer}.mlp.fc1",
+            fc2=f"{layer}.mlp.fc2",
+        )
     return blocks
 
 
@@ -100,17 +88,8 @@ def to_params(state: dict[str, np.ndarray], config: dict, source: str = "checkpo
     Raises:
       KeyError / ValueError: naming the missing or unused tensor and ``source``.
     """
-    used: set[str] = set()
-
-    def take(key: str) -> np.ndarray:
-        if key not in state:
-            raise KeyError(f"{source}: tensor {key!r} is missing")
-        used.add(key)
-        return np.asarray(state[key], np.float32)
-
-    def norm(name):
-        return {"scale": take(f"{name}.weight"), "bias": take(f"{name}.bias")}
-
+    reader = tensors.StateReader(state, source)
+    take = reader.take
     image, text = config["image"], config["text"]
     vision = "vision_model"
     # The vision LayerNorm before the encoder is spelled "pre_layrnorm" in transformers.
@@ -121,21 +100,21 @@ def to_params(state: dict[str, np.ndarray], config: dict, source: str = "checkpo
     )
     image_tower = {
         "patch_embed": {
-            "kernel": take(f"{vision}.embeddings.patch_embedding.weight").transpose(2, 3, 1, 0)
+            "kernel": tensors.conv_kernel(take(f"{vision}.embeddings.patch_embedding.weight"))
         },
         "class_embedding": take(f"{vision}.embeddings.class_embedding"),
         "pos_embedding": take(f"{vision}.embeddings.position_embedding.weight"),
-        "ln_pre": norm(pre),
-        "encoder": _encoder(take, vision, image["depth"], image["width"], image["heads"]),
-        "ln_post": norm(f"{vision}.post_layernorm"),
-        "proj": {"kernel": take("visual_projection.weight").T},
+        "ln_pre": reader.norm(pre),
+        "encoder": _encoder(reader, vision, image["depth"], image["width"], image["heads"]),
+        "ln_post": reader.norm(f"{vision}.post_layernorm"),
+        "proj": {"kernel": tensors.linear_kernel(take("visual_projection.weight"))},
     }
     text_tower = {
         "token_embedding": {"embedding": take("text_model.embeddings.token_embedding.weight")},
         "pos_embedding": take("text_model.embeddings.position_embedding.weight"),
-        "encoder": _encoder(take, "text_model", text["depth"], text["width"], text["heads"]),
-        "ln_final": norm("text_model.final_layer_norm"),
-        "proj": {"kernel": take("text_projection.weight").T},
+        "encoder": _encoder(reader, "text_model", text["depth"], text["width"], text["heads"]),
+        "ln_final": reader.norm("text_model.final_layer_norm"),
+        "proj": {"kernel": tensors.linear_kernel(take("text_projection.weight"))},
     }
     params = {
         "image_tower": image_tower,
@@ -143,14 +122,12 @@ def to_params(state: dict[str, np.ndarray], config: dict, source: str = "checkpo
         "logit_scale": take("logit_scale").reshape(()),
     }
     # Buffers (position ids) are not weights.
-    left = sorted(k for k in state if k not in used and not k.endswith("position_ids"))
-    if left:
-        raise ValueError(f"{source}: tensors not used by this CLIP: {left[:5]}")
+    reader.check_all_used(lambda k: k.endswith("position_ids"), "this CLIP")
     return params
 
 
 def load(path: str) -> tuple[dict, dict]:
     """``(model config fields, params of the towers and logit_scale)`` from a checkpoint."""
-    file = hf_bert.checkpoint_file(path)
+    file = tensors.checkpoint_file(path)
     config = model_config(path)
-    return config, to_params(hf_bert.read_state_dict(file), config, source=file)
+    return config, to_params(tensors.read_state_dict(file), config, source=file)

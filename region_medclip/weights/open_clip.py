@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from region_medclip.weights import hf_bert
+from region_medclip.weights import hf_bert, tensors
 
 # timm ViT names → (width, depth, heads, mlp_dim).
 _TIMM_VIT_SIZES = {
@@ -153,82 +153,103 @@ def model_config(oc: dict, text_dir: str | None = None) -> dict:
     return out
 
 
-def _encoder(take, prefix: str, depth: int, width: int, heads: int) -> dict:
-    head_dim = width // heads
-
-    def norm(name):
-        return {"scale": take(f"{name}.weight"), "bias": take(f"{name}.bias")}
-
-    def dense(name):
-        return {"kernel": take(f"{name}.weight").T, "bias": take(f"{name}.bias")}
-
+def _encoder(reader: tensors.StateReader, prefix: str, depth: int, width: int, heads: int) -> dict:
+    """``{prefix}.resblocks.*`` → our ``block{i}`` params."""
     blocks = {}
     for i in range(depth):
         block = f"{prefix}.resblocks.{i}"
         # PyTorch's MultiheadAttention packs q, k and v into one [3W, W] projection.
-        qkv_w = np.split(take(f"{block}.attn.in_proj_weight"), 3)
-        qkv_b = np.split(take(f"{block}.attn.in_proj_bias"), 3)
-        attn = {
-            name: {
-                "kernel": w.T.reshape(width, heads, head_dim),
-                "bias": b.reshape(heads, head_dim),
-            }
-            for name, w, b in zip(("query", "key", "value"), qkv_w, qkv_b, strict=True)
-        }
-        attn["out"] = {
-            "kernel": take(f"{block}.attn.out_proj.weight").T.reshape(heads, head_dim, width),
-            "bias": take(f"{block}.attn.out_proj.bias"),
-        }
-        blocks[f"block{i}"] = {
-            "ln_1": norm(f"{block}.ln_1"),
-            "attn": attn,
-            "ln_2": norm(f"{block}.ln_2"),
-            "mlp": {"fc1": dense(f"{block}.mlp.c_fc"), "fc2": dense(f"{block}.mlp.c_proj")},
-        }
+        qkv = tensors.split_qkv(
+            reader.take(f"{block}.attn.in_proj_weight"), reader.take(f"{block}.attn.in_proj_bias")
+        )
+        out = reader.linear(f"{block}.attn.out_proj")
+        blocks[f"block{i}"] = tensors.pre_norm_block(
+            reader,
+            ln_1=f"{block}.ln_1",
+            attn=tensors.attention(qkv, out, width, heads),
+            ln_2=f"{block}.ln_2",
+            fc1=f"{block}.mlp.c_fc",
+            fc2=f"{block}.mlp.c_proj",
+        )
     return blocks
 
 
-def _timm_vit(take, norm, image: dict) -> dict:
+def _timm_vit(reader: tensors.StateReader, image: dict) -> dict:
     """A timm ViT (``visual.trunk``, with open_clip's ``visual.head.proj``) → our ViT params."""
     width, heads = image["width"], image["heads"]
-    head_dim = width // heads
-
-    def dense(name):
-        return {"kernel": take(f"{name}.weight").T, "bias": take(f"{name}.bias")}
-
+    take = reader.take
     blocks = {}
     for i in range(image["depth"]):
         block = f"visual.trunk.blocks.{i}"
         # timm packs q, k and v into one [3W, W] Linear.
-        qkv_w = np.split(take(f"{block}.attn.qkv.weight"), 3)
-        qkv_b = np.split(take(f"{block}.attn.qkv.bias"), 3)
-        attn = {
-            name: {
-                "kernel": w.T.reshape(width, heads, head_dim),
-                "bias": b.reshape(heads, head_dim),
-            }
-            for name, w, b in zip(("query", "key", "value"), qkv_w, qkv_b, strict=True)
-        }
-        attn["out"] = {
-            "kernel": take(f"{block}.attn.proj.weight").T.reshape(heads, head_dim, width),
-            "bias": take(f"{block}.attn.proj.bias"),
-        }
-        blocks[f"block{i}"] = {
-            "ln_1": norm(f"{block}.norm1"),
-            "attn": attn,
-            "ln_2": norm(f"{block}.norm2"),
-            "mlp": {"fc1": dense(f"{block}.mlp.fc1"), "fc2": dense(f"{block}.mlp.fc2")},
-        }
+        qkv = tensors.split_qkv(*reader.linear(f"{block}.attn.qkv"))
+        out = reader.linear(f"{block}.attn.proj")
+        blocks[f"block{i}"] = tensors.pre_norm_block(
+            reader,
+            ln_1=f"{block}.norm1",
+            attn=tensors.attention(qkv, out, width, heads),
+            ln_2=f"{block}.norm2",
+            fc1=f"{block}.mlp.fc1",
+            fc2=f"{block}.mlp.fc2",
+        )
     return {
         "patch_embed": {
-            "kernel": take("visual.trunk.patch_embed.proj.weight").transpose(2, 3, 1, 0),
+            "kernel": tensors.conv_kernel(take("visual.trunk.patch_embed.proj.weight")),
             "bias": take("visual.trunk.patch_embed.proj.bias"),
         },
         "class_embedding": take("visual.trunk.cls_token").reshape(width),
         "pos_embedding": take("visual.trunk.pos_embed")[0],
         "encoder": blocks,
-        "ln_post": norm("visual.trunk.norm"),
-        "proj": {"kernel": take("visual.head.proj.weight").T},
+        "ln_post": reader.norm("visual.trunk.norm"),
+        "proj": {"kernel": tensors.linear_kernel(take("visual.head.proj.weight"))},
+    }
+
+
+def _clip_vit(reader: tensors.StateReader, image: dict) -> dict:
+    """open_clip's own ViT (``visual.*``) → our ViT params."""
+    take = reader.take
+    return {
+        "patch_embed": {"kernel": tensors.conv_kernel(take("visual.conv1.weight"))},
+        "class_embedding": take("visual.class_embedding"),
+        "pos_embedding": take("visual.positional_embedding"),
+        "ln_pre": reader.norm("visual.ln_pre"),
+        "encoder": _encoder(
+            reader, "visual.transformer", image["depth"], image["width"], image["heads"]
+        ),
+        "ln_post": reader.norm("visual.ln_post"),
+        "proj": {"kernel": take("visual.proj")},  # already [width, embed_dim]
+    }
+
+
+def _hf_text_tower(reader: tensors.StateReader, text: dict) -> dict:
+    """An HF BERT text tower (``text.transformer.*``) with its ``text.proj`` → BertText params."""
+    prefix = "text.transformer."
+    state = reader.state
+    bert_state = {k[len(prefix) :]: state[k] for k in state if k.startswith(prefix)}
+    text_tower = hf_bert.to_bert_params(
+        bert_state, depth=text["depth"], heads=text["heads"], source=reader.source
+    )
+    reader.mark_used(prefix + k for k in bert_state)
+    if text.get("proj_hidden"):
+        # open_clip's MLP projection: Linear (text.proj.0), GELU, Linear (text.proj.2), no biases.
+        text_tower["proj_hidden"] = {
+            "kernel": tensors.linear_kernel(reader.take("text.proj.0.weight"))
+        }
+        text_tower["proj"] = {"kernel": tensors.linear_kernel(reader.take("text.proj.2.weight"))}
+    else:
+        text_tower["proj"] = {"kernel": tensors.linear_kernel(reader.take("text.proj.weight"))}
+    return text_tower
+
+
+def _clip_text_tower(reader: tensors.StateReader, text: dict) -> dict:
+    """open_clip's CLIP text tower (top-level ``transformer.*``) → our text tower params."""
+    take = reader.take
+    return {
+        "token_embedding": {"embedding": take("token_embedding.weight")},
+        "pos_embedding": take("positional_embedding"),
+        "encoder": _encoder(reader, "transformer", text["depth"], text["width"], text["heads"]),
+        "ln_final": reader.norm("ln_final"),
+        "proj": {"kernel": take("text_projection")},  # already [width, embed_dim]
     }
 
 
@@ -240,66 +261,24 @@ def to_params(state: dict[str, np.ndarray], config: dict, source: str = "checkpo
     """
     # Checkpoints saved from DistributedDataParallel prefix every key with "module.".
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    used: set[str] = set()
-
-    def take(key: str) -> np.ndarray:
-        if key not in state:
-            raise KeyError(f"{source}: tensor {key!r} is missing")
-        used.add(key)
-        return np.asarray(state[key], np.float32)
-
-    def norm(name):
-        return {"scale": take(f"{name}.weight"), "bias": take(f"{name}.bias")}
-
+    reader = tensors.StateReader(state, source)
     image, text = config["image"], config["text"]
-    if image.get("ln_pre", True):
-        image_tower = {
-            "patch_embed": {"kernel": take("visual.conv1.weight").transpose(2, 3, 1, 0)},
-            "class_embedding": take("visual.class_embedding"),
-            "pos_embedding": take("visual.positional_embedding"),
-            "ln_pre": norm("visual.ln_pre"),
-            "encoder": _encoder(
-                take, "visual.transformer", image["depth"], image["width"], image["heads"]
-            ),
-            "ln_post": norm("visual.ln_post"),
-            "proj": {"kernel": take("visual.proj")},  # already [width, embed_dim]
-        }
-    else:
-        image_tower = _timm_vit(take, norm, image)
-    if text["kind"] == "bert":
-        prefix = "text.transformer."
-        bert_state = {k[len(prefix) :]: state[k] for k in state if k.startswith(prefix)}
-        text_tower = hf_bert.to_bert_params(
-            bert_state, depth=text["depth"], heads=text["heads"], source=source
-        )
-        used.update(prefix + k for k in bert_state)
-        if text.get("proj_hidden"):
-            text_tower["proj_hidden"] = {"kernel": take("text.proj.0.weight").T}
-            text_tower["proj"] = {"kernel": take("text.proj.2.weight").T}
-        else:
-            text_tower["proj"] = {"kernel": take("text.proj.weight").T}
-    else:
-        text_tower = {
-            "token_embedding": {"embedding": take("token_embedding.weight")},
-            "pos_embedding": take("positional_embedding"),
-            "encoder": _encoder(take, "transformer", text["depth"], text["width"], text["heads"]),
-            "ln_final": norm("ln_final"),
-            "proj": {"kernel": take("text_projection")},
-        }
+    # Our timm-style ViT has no LayerNorm before the encoder (model_config sets ln_pre=False).
+    vit = _clip_vit if image.get("ln_pre", True) else _timm_vit
+    text_tower = _hf_text_tower if text["kind"] == "bert" else _clip_text_tower
     params = {
-        "image_tower": image_tower,
-        "text_tower": text_tower,
-        "logit_scale": take("logit_scale").reshape(()),
+        "image_tower": vit(reader, image),
+        "text_tower": text_tower(reader, text),
+        "logit_scale": reader.take("logit_scale").reshape(()),
     }
-    left = sorted(k for k in state if k not in used and k != "attn_mask")
-    if left:
-        raise ValueError(f"{source}: tensors not used by this CLIP: {left[:5]}")
+    # The text tower's causal mask is a buffer, not a weight.
+    reader.check_all_used(lambda k: k == "attn_mask", "this CLIP")
     return params
 
 
 def load(path: str, model_config_arg: str, text_dir: str | None = None) -> tuple[dict, dict]:
     """``(model config fields, params)`` from an open_clip checkpoint file and its model
     config (JSON path or model name); ``text_dir``: an HF text tower's local directory."""
-    file = hf_bert.checkpoint_file(path)
+    file = tensors.checkpoint_file(path)
     config = model_config(open_clip_config(model_config_arg), text_dir)
-    return config, to_params(hf_bert.read_state_dict(file), config, source=file)
+    return config, to_params(tensors.read_state_dict(file), config, source=file)
