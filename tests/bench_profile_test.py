@@ -1,12 +1,13 @@
 """`bench profile`: kernel-time accounting on hand-made trace events, and the whole command on
-micro-sized towers."""
+micro-sized towers (a configs folder whose tiny_roi.py is the micro config)."""
 
 import json
 import os
 
 import pytest
 
-from region_medclip import bench, bench_profile
+from region_medclip.bench import __main__ as bench
+from region_medclip.bench import profile as bench_profile
 
 
 def test_kernel_kinds():
@@ -51,17 +52,18 @@ def test_hlo_op_names():
     }
 
 
-def test_profile_command_on_micro_towers(tmp_path, monkeypatch):
-    import micro_config
-
-    from configs import tiny_roi
-
+def test_profile_command_on_micro_towers(tmp_path):
     # The micro towers stand in for the tiny config: the same code path in seconds.
-    monkeypatch.setattr(tiny_roi, "get_config", lambda arg=None: micro_config.get_config())
+    configs_dir = tmp_path / "configs"
+    configs_dir.mkdir()
+    (configs_dir / "tiny_roi.py").write_text(
+        "import micro_config\n\n\ndef get_config(arg=None):\n    return micro_config.get_config()\n"
+    )
     out = tmp_path / "profile.json"
     bench.main(
         [
             "profile",
+            f"--configs_dir={configs_dir}",
             "--profile_steps=2",
             f"--profile_dir={tmp_path / 'trace'}",
             f"--out={out}",

@@ -1,8 +1,9 @@
 """``python -m region_medclip.bench profile``: where the train step's time goes.
 
-Traces ``--profile_steps`` real train steps of a config (the jitted step of ``train.py`` on random
-batches already on the device, so no data wait is in it) with ``jax.profiler``, keeps the trace
-(``--profile_dir``; open it in Perfetto or TensorBoard) and sums the device kernels' time:
+Traces ``--profile_steps`` real train steps of a config (the jitted step of
+``region_medclip.train`` on random batches already on the device, so no data wait is in it) with
+``jax.profiler``, keeps the trace (``--profile_dir``; open it in Perfetto or TensorBoard) and sums
+the device kernels' time:
 
 - by kind — ``matmul`` (dots and convolutions: XLA:CPU's YNNPACK/XNNPACK/oneDNN fusions, GPU
   GEMMs), ``layout`` (copies and transposes XLA inserted to change layouts), ``other``
@@ -25,13 +26,11 @@ import os
 import re
 import shutil
 import statistics
-import time
 
 import jax
 
-from region_medclip import sharding as sharding_lib
-from region_medclip import train
-from region_medclip.data import pipeline
+from region_medclip.bench import common
+from region_medclip.bench import train as train_bench
 
 # Substrings of kernel names that mark matrix multiplies and convolutions.
 _MATMUL = ("dot", "ynn", "xnn", "onednn", "conv", "gemm", "cublas", "cutlass", "matmul", "xmma")
@@ -100,58 +99,42 @@ def summarise(events: list[dict], steps: int, op_names: dict[str, str], top: int
     )
 
 
-def profile_step(config, *, steps: int, trace_dir: str, device: jax.Device) -> dict:
-    """Compiles the train step of ``config`` on ``device``, times ``steps`` steps, traces
-    ``steps`` more into ``trace_dir`` and returns the wall time and the kernel summary."""
-    mesh = sharding_lib.make_mesh(config.mesh, [device])
-    run = train.setup(config, mesh)
-    state = run.init_state(0)
-    step = run.train_step(config, mesh)
-    batch = jax.device_put(
-        pipeline.random_batch(config.data, config.data.batch_size),
-        sharding_lib.batch_sharding(mesh),
-    )
-    compiled = step.lower(state, batch, {}).compile()
-    op_names = hlo_op_names(compiled.as_text())
-    for _ in range(2):  # warm-up
-        state, metrics = compiled(state, batch, {})
-        jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch, {})
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    shutil.rmtree(trace_dir, ignore_errors=True)
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(steps):
-            state, metrics = compiled(state, batch, {})
-            jax.block_until_ready(metrics)
+def read_trace(trace_dir: str) -> tuple[str, list[dict]]:
+    """The perfetto trace ``jax.profiler`` wrote under ``trace_dir``: its path and its events."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     if not files:
         raise FileNotFoundError(f"{trace_dir}: the profiler wrote no perfetto trace")
     with gzip.open(files[0]) as f:
         trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return files[0], trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def profile_step(config, *, steps: int, trace_dir: str, device: jax.Device) -> dict:
+    """Compiles the train step of ``config`` on ``device``, times ``steps`` steps, traces
+    ``steps`` more into ``trace_dir`` and returns the wall time and the kernel summary."""
+    compiled, state, batch = train_bench.compile_step(config, device)
+    op_names = hlo_op_names(compiled.as_text())
+    _, state = train_bench.time_steps(compiled, state, batch, 2)  # warm-up
+    times, state = train_bench.time_steps(compiled, state, batch, steps)
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        train_bench.time_steps(compiled, state, batch, steps)
+    trace_file, events = read_trace(trace_dir)
     summary = summarise(events, steps, op_names)
     step_ms = statistics.median(times) * 1e3
     return dict(
         step_ms=round(step_ms, 2),
         cores_busy=round(summary["kernel_ms"] / step_ms, 2),
-        trace=files[0],
+        trace=trace_file,
         **summary,
     )
 
 
-def bench_profile(args, markdown) -> tuple[dict, str]:
-    """The profile of one config (``--profile_config``): a table by kind and the top kernels."""
-    from configs import tiny_roi, vitb16_roi
-
-    configs = {"tiny_roi": tiny_roi.get_config, "vitb16_roi:runlocal": vitb16_roi.get_config}
+def run(args) -> tuple[dict, str]:
+    """The profile of one config (``--profile_config``): (the profile for the JSON, a markdown
+    report with a table by kind and one of the top kernels)."""
     name = args.profile_config
-    if name not in configs:
-        raise SystemExit(f"--profile_config: unknown {name!r}; known {list(configs)}")
-    config = configs[name]("runlocal") if name.endswith(":runlocal") else configs[name]()
+    (config,) = common.load_cases(args, [name], "--profile_config").values()
     if args.profile_batch:
         config.data.batch_size = args.profile_batch
     device = jax.devices()[0]
@@ -166,6 +149,6 @@ def bench_profile(args, markdown) -> tuple[dict, str]:
         f"{result['kernel_ms']} core-ms (cores busy {result['cores_busy']}); trace: "
         f"{result['trace']}\n"
     )
-    report = header + markdown(kinds, ["kind", "ms", "share"]) + "\n"
-    report += markdown(result["top"], ["kernel", "kind", "ms", "op"])
+    report = header + common.markdown(kinds, ["kind", "ms", "share"]) + "\n"
+    report += common.markdown(result["top"], ["kernel", "kind", "ms", "op"])
     return result, report

@@ -15,28 +15,8 @@ import jax.numpy as jnp
 
 from region_medclip import sharding as sharding_lib
 from region_medclip import train
+from region_medclip.bench import common
 from region_medclip.data import pipeline
-
-
-def matmul_peak(device: jax.Device, dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of a chain of ``size``² matmuls on ``device`` (the peak MFU is measured
-    against)."""
-    x = jax.device_put(jnp.ones((size, size), dtype) / size, device)
-    chain = 8
-
-    @jax.jit
-    def run(a):
-        for _ in range(chain):
-            a = a @ x
-        return a
-
-    run(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 * chain / min(times)
 
 
 def compiled_flops(compiled) -> float:
@@ -47,28 +27,41 @@ def compiled_flops(compiled) -> float:
     return float((analysis or {}).get("flops", 0.0))
 
 
-def measure_step(config, *, steps: int, device: jax.Device) -> dict:
-    """Compiles and times ``steps`` train steps of ``config`` on ``device``."""
+def compile_step(config, device: jax.Device):
+    """The train step of ``config`` on a one-device mesh, compiled, with a fresh state and one
+    random batch (``config.data.batch_size`` examples) already on ``device``:
+    ``(compiled, state, batch)``; ``compiled(state, batch, {})`` returns ``(state, metrics)``."""
     mesh = sharding_lib.make_mesh(config.mesh, [device])
-    run = train.setup(config, mesh)
-    state = run.init_state(0)
-    step = run.train_step(config, mesh)
-    batch_sharding = sharding_lib.batch_sharding(mesh)
+    run_setup = train.setup(config, mesh)
+    state = run_setup.init_state(0)
+    step = run_setup.train_step(config, mesh)
     batch = jax.device_put(
-        pipeline.random_batch(config.data, config.data.batch_size), batch_sharding
+        pipeline.random_batch(config.data, config.data.batch_size),
+        sharding_lib.batch_sharding(mesh),
     )
-    start = time.perf_counter()
-    compiled = step.lower(state, batch, {}).compile()
-    compile_s = time.perf_counter() - start
-    flops = compiled_flops(compiled)
-    state, metrics = compiled(state, batch, {})  # warm-up
-    jax.block_until_ready(metrics)
+    return step.lower(state, batch, {}).compile(), state, batch
+
+
+def time_steps(compiled, state, batch, steps: int):
+    """Wall seconds of each of ``steps`` steps (metrics awaited) and the final state."""
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         state, metrics = compiled(state, batch, {})
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
+    return times, state
+
+
+def measure_step(config, *, steps: int, device: jax.Device) -> dict:
+    """Compiles and times ``steps`` train steps of ``config`` on ``device``: compile and median
+    step seconds, examples/s, GFLOP a step and achieved GFLOP/s."""
+    start = time.perf_counter()
+    compiled, state, batch = compile_step(config, device)
+    compile_s = time.perf_counter() - start
+    flops = compiled_flops(compiled)
+    _, state = time_steps(compiled, state, batch, 1)  # warm-up
+    times, _ = time_steps(compiled, state, batch, steps)
     step_s = statistics.median(times)
     return dict(
         compile_s=round(compile_s, 1),
@@ -79,23 +72,16 @@ def measure_step(config, *, steps: int, device: jax.Device) -> dict:
     )
 
 
-def bench_train(args, markdown) -> tuple[dict, str]:
-    """Rows for the tiny and ViT-B/16 (``runlocal``) configs at their batch sizes."""
-    from configs import tiny_roi, vitb16_roi
-
+def run(args) -> tuple[dict, str]:
+    """Rows for the tiny and ViT-B/16 (``runlocal``) configs (``--train_configs``) at their batch
+    sizes: (results for the JSON, the markdown report)."""
+    configs = common.load_cases(args, args.train_configs, "--train_configs")
     device = jax.devices()[0]
-    configs = {
-        "tiny_roi": tiny_roi.get_config(),
-        "vitb16_roi:runlocal": vitb16_roi.get_config("runlocal"),
-    }
-    rows = []
-    peaks = {}
+    rows, peaks = [], {}
     for name, config in configs.items():
-        if args.train_configs and name not in args.train_configs:
-            continue
         dtype = jnp.dtype(config.model.dtype)
         if dtype not in peaks:
-            peaks[dtype] = matmul_peak(device, dtype)
+            peaks[dtype] = common.matmul_peak(device, dtype)
         row = dict(config=name, batch=config.data.batch_size, dtype=str(dtype))
         row.update(measure_step(config, steps=args.train_steps, device=device))
         row["peak_gflops"] = round(peaks[dtype] / 1e9, 1)
@@ -105,4 +91,4 @@ def bench_train(args, markdown) -> tuple[dict, str]:
     columns = ["config", "batch", "dtype", "step_s", "examples_per_s", "step_gflop"]
     columns += ["achieved_gflops", "peak_gflops", "mfu_%", "compile_s"]
     machine = dict(device=str(device), platform=device.platform, cpus=os.cpu_count())
-    return dict(machine=machine, rows=rows), markdown(rows, columns)
+    return dict(machine=machine, rows=rows), common.markdown(rows, columns)

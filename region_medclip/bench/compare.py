@@ -1,11 +1,13 @@
-"""``bench compare``: the same CLIP training step in open_clip (PyTorch, CPU) and in region-medclip.
+"""``python -m region_medclip.bench compare``: the same CLIP training step in open_clip (PyTorch,
+CPU) and in region-medclip.
 
 Both sides train the same architecture (ViT image tower + CLIP text tower, built from our config
 on one side and from the equivalent open_clip config on the other) with the same global loss
 (symmetric InfoNCE with a learned temperature), AdamW and float32, on random inputs of the same
 shapes, in one process, one case after the other: the figures see the same machine and the same
-load. Our step is the real train step of ``train.py`` with the region and hard-negative terms
-switched off (open_clip has no region loss); the full region-aware step is reported beside it.
+load. Our step is the real train step of ``region_medclip.train`` with the region and
+hard-negative terms switched off (open_clip has no region loss); the full region-aware step is
+reported beside it.
 """
 
 import os
@@ -15,8 +17,16 @@ import time
 import jax
 import numpy as np
 
-from region_medclip import bench_train
+from region_medclip.bench import common
+from region_medclip.bench import train as train_bench
 from region_medclip.models import clip
+
+# name -> (file in --configs_dir, its `:arg`). The tiny recipe's towers at its sizes with the CLIP
+# text tower; `_case_configs` gives it open_clip's linear patch embedding and class-token pooling.
+CASES = {
+    "tiny_roi": ("tiny_roi.py", "text=clip"),
+    "vitb16_roi:runlocal": ("vitb16_roi.py", "runlocal"),
+}
 
 
 def global_only(config):
@@ -123,8 +133,8 @@ def our_params(config) -> int:
 def compare_case(name: str, config, *, steps: int, peak: float) -> dict:
     """One row: both sides' examples/s, their ratio, our MFU; and our region-aware step."""
     device = jax.devices()[0]
-    ours = bench_train.measure_step(global_only(config), steps=steps, device=device)
-    region = bench_train.measure_step(config, steps=steps, device=device)
+    ours = train_bench.measure_step(global_only(config), steps=steps, device=device)
+    region = train_bench.measure_step(config, steps=steps, device=device)
     theirs = measure_open_clip(config, steps=steps, threads=os.cpu_count() or 1)
     batch = config.data.batch_size
     theirs_rate = batch / theirs["step_s"]
@@ -143,3 +153,38 @@ def compare_case(name: str, config, *, steps: int, peak: float) -> dict:
         region_aware_examples_per_s=region["examples_per_s"],
         region_aware_mfu=round(region["achieved_gflops"] * 1e9 / peak, 3),
     )
+
+
+def _case_configs(args) -> dict:
+    """name -> config of each ``--compare_cases`` case, at ``--compare_batch`` where given."""
+    configs = common.load_cases(args, args.compare_cases, "--compare_cases", cases=CASES)
+    if "tiny_roi" in configs:
+        # open_clip's architecture on both sides: its linear patch embedding and class token.
+        configs["tiny_roi"].model.image.pool = "cls"
+        configs["tiny_roi"].model.image.stem = "patch"
+    for config in configs.values():
+        if args.compare_batch:
+            config.data.batch_size = args.compare_batch
+    return configs
+
+
+def run(args) -> tuple[dict, str]:
+    """examples/s of the same CLIP step in region-medclip and open_clip, their ratio and our MFU,
+    for the tiny and ViT-B/16 configs: (results for the JSON, the markdown report)."""
+    configs = _case_configs(args)
+    peak = common.matmul_peak(jax.devices()[0])
+    rows = []
+    for name, config in configs.items():
+        rows.append(compare_case(name, config, steps=args.train_steps, peak=peak))
+        print(rows[-1], flush=True)
+    columns = ["case", "batch", "region_medclip_examples_per_s", "open_clip_examples_per_s"]
+    columns += ["ratio", "mfu", "region_aware_examples_per_s", "params_region_medclip"]
+    columns += ["params_open_clip"]
+    machine = dict(
+        platform=common.host()["platform"],
+        processor=common.cpu_model(),
+        cpus=os.cpu_count(),
+        peak_gflops=round(peak / 1e9, 1),
+    )
+    report = f"{machine}\n" + common.markdown(rows, columns)
+    return dict(machine=machine, rows=rows), report

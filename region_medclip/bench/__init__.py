@@ -1,0 +1,16 @@
+"""Benchmarks, not tests: ``python -m region_medclip.bench losses|data|train|compare|profile
+[--out=JSON]``.
+
+- ``losses`` (:mod:`.losses`): forward + backward time and XLA's peak memory per device of the
+  global losses on 8 simulated CPU devices, as the global batch and the number of devices grow.
+- ``data`` (:mod:`.data`): the train pipeline's examples/s.
+- ``train`` (:mod:`.train`): the train step's examples/s and MFU.
+- ``compare`` (:mod:`.compare`): the same CLIP train step in open_clip and here, examples/s of
+  each, their ratio and our MFU.
+- ``profile`` (:mod:`.profile`): where one config's train step spends its time, kernel by kernel,
+  from a ``jax.profiler`` trace.
+
+The benchmarks run the repository's ``configs/tiny_roi.py`` and ``configs/vitb16_roi.py``, read by
+path from ``--configs_dir`` (:mod:`.common`). This package imports nothing at import time:
+``__main__`` sets the XLA flags before JAX starts.
+"""
