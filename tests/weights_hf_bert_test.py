@@ -134,8 +134,9 @@ def test_hf_bert_conversion_starts_the_text_tower(tmp_path):
     import micro_config
 
     from region_medclip import config as config_lib
-    from region_medclip import convert, train
+    from region_medclip import train
     from region_medclip.data.synth import builder as synth_cxr
+    from region_medclip.weights import convert
 
     out = str(tmp_path / "minilm")
     stored = convert.convert_hf_bert(minilm_dir(), out, pool="mean")

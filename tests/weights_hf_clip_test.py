@@ -168,10 +168,11 @@ def test_converted_clip_teacher_logits_equal_transformers_on_crops(tmp_path):
     import micro_config
 
     from region_medclip import config as config_lib
-    from region_medclip import convert, train
     from region_medclip import sharding as sharding_lib
+    from region_medclip import train
     from region_medclip.data.synth import builder as synth_cxr
     from region_medclip.train import distillation as teacher_lib
+    from region_medclip.weights import convert
 
     reference = tiny_hf_clip(torch)
     reference.save_pretrained(tmp_path / "hf")

@@ -77,7 +77,7 @@ def _random_open_clip(torch, open_clip, oc_config: dict):
 def test_open_clip_embeddings_equal_open_clip(tmp_path, quick_gelu):
     torch = require_peer("torch")
     open_clip = require_peer("open_clip")
-    from region_medclip import convert
+    from region_medclip.weights import convert
 
     oc_config = dict(
         embed_dim=16,
@@ -175,7 +175,7 @@ def test_biomedclip_architecture_equals_open_clip(tmp_path):
     require_peer("timm")
     from open_clip.tokenizer import HFTokenizer
 
-    from region_medclip import convert
+    from region_medclip.weights import convert
 
     text_dir = tmp_path / "biomedbert"
     vision_cfg, text_cfg = _biomedclip_configs(text_dir)

@@ -123,9 +123,9 @@ def test_imagenet_zero_shot_equals_open_clip_protocol(tmp_path):
     require_peer("open_clip")
     from PIL import Image
 
-    from region_medclip import convert
-    from region_medclip import imagenet_zero_shot as izs
     from region_medclip.evaluators import common as eval_common
+    from region_medclip.evaluators import imagenet as izs
+    from region_medclip.weights import convert
 
     names, templates = izs.clip_metadata()
     assert len(names) == 1000 and len(templates) == 80
@@ -158,7 +158,7 @@ def test_imagenet_zero_shot_equals_open_clip_protocol(tmp_path):
 
     _assert_command_line_top1(tmp_path, model_dir, top1)
     from_tfds = izs.run(
-        model_dir,
+        model,
         tfds_dir=_tfds_copy(str(tmp_path / "tfds"), files),
         classnames=str(tmp_path / "names.txt"),
         templates=str(tmp_path / "templates.txt"),
