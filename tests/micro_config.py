@@ -3,12 +3,19 @@
 python -m region_medclip.main --config=tests/micro_config.py:data_dir=/tmp/d --workdir=...
 """
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import jax
 import numpy as np
 
+import conftest
+from region_medclip import checkpointing, metrics_writer, train
 from region_medclip import config as config_lib
 from region_medclip import sharding as sharding_lib
-from region_medclip import train
 from region_medclip.data import pipeline
 
 
@@ -74,3 +81,73 @@ def run_steps(c, batches, devices=None, teacher=None):
         state, metrics = step(state, batch, teacher_params)
         history.append({k: float(v.addressable_data(0)) for k, v in metrics.items()})
     return state, history
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(ROOT, "tests", "micro_config.py")
+
+
+def config(data_dir, **overrides):
+    c = get_config(f"data_dir={data_dir}")
+    for dotted, value in overrides.items():
+        node = c
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def run_main(workdir, data_dir, *flags, devices=8, timeout=300, **popen):
+    """``python -m region_medclip.main`` on the micro config in a new process."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "region_medclip.main",
+        f"--config={CONFIG_FILE}:data_dir={data_dir}",
+        f"--workdir={workdir}",
+        *flags,
+    ]
+    if popen:  # runs beside the tests and may be killed: no shared cache
+        return subprocess.Popen(cmd, env=conftest.without_compilation_cache(env), cwd=ROOT, **popen)
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses_by_step(workdir):
+    return {r["step"]: r for r in metrics_writer.read_metrics(workdir)}
+
+
+def final_params(workdir):
+    params, _, step = checkpointing.restore_params(workdir)
+    return params, step
+
+
+def wait_for(predicate, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited early with {proc.returncode}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("timed out")
+
+
+def metrics_steps(workdir):
+    try:
+        return set(losses_by_step(workdir))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return set()
+
+
+def assert_same_run(hist_a, hist_b):
+    # Losses of step 2 depend on step 1's update; grad norms on every gradient. Params are not
+    # compared leaf by leaf: Adam divides near-zero gradients (rare tokens' embeddings) by their
+    # own magnitude, so float noise there becomes update noise of up to ~lr.
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([h[key] for h in hist_a], [h[key] for h in hist_b], rtol=1e-5)

@@ -128,7 +128,7 @@ class Setup(NamedTuple):
 
         return jax.jit(create, out_shardings=self.shardings)(jax.random.PRNGKey(seed), params)
 
-    def train_step(self, config, mesh: Mesh, teacher=None) -> Callable:
+    def train_step(self, config, mesh: Mesh, teacher=None, max_traces=None) -> Callable:
         """:func:`~region_medclip.train.step.make_train_step` for this setup."""
         return make_train_step(
             model=self.model,
@@ -138,6 +138,7 @@ class Setup(NamedTuple):
             mesh=mesh,
             state_sharding=self.shardings,
             teacher=teacher,
+            max_traces=max_traces,
         )
 
 

@@ -9,6 +9,7 @@ import functools
 import math
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -156,13 +157,16 @@ def make_train_step(
     mesh: Mesh,
     state_sharding,
     teacher=None,
+    max_traces: int | None = None,
 ) -> Callable:
     """The jitted ``train_step(state, batch, teacher_params) → (state, metrics)``.
 
     The state is donated. A step whose loss or gradient is not finite leaves params and optimizer
     state unchanged and counts itself in ``state.skipped`` / ``state.bad_streak``. The step is
     traced inside the logical-axis rules of ``mesh``, so the modules' activation annotations
-    (``batch``, ``length``, ...) constrain the layout GSPMD gives them.
+    (``batch``, ``length``, ...) constrain the layout GSPMD gives them. With ``max_traces``,
+    tracing the step more often than that raises (``chex.assert_max_traces``): a retrace between
+    steps would recompile the whole model.
     """
     clamp = config.loss.global_kind != "sigmoid"  # softmax-style scale clamped to [0, log 100]
     batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -198,6 +202,8 @@ def make_train_step(
         }
         return new_state, metrics
 
+    if max_traces is not None:
+        train_step = chex.assert_max_traces(train_step, n=max_traces)
     jitted = jax.jit(
         train_step,
         in_shardings=(state_sharding, batch_sharding, sharding_lib.replicated(mesh)),
