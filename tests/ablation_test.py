@@ -23,6 +23,7 @@ def test_summarise_means_and_stds_by_hand():
     assert "| a | 2 | 0.700 ± 0.141 |" in table and "| b | 1 | 0.800 |" in table
 
 
+@pytest.mark.slow
 def test_every_variant_trains_evaluates_and_is_not_trained_twice(tmp_path):
     import micro_config
 

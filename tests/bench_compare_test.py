@@ -18,6 +18,7 @@ def get_config(arg=None):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_compare_measures_both_sides_with_equal_parameter_counts(tmp_path):
     require_peer("torch")

@@ -52,6 +52,7 @@ def test_hlo_op_names():
     }
 
 
+@pytest.mark.slow
 def test_profile_command_on_micro_towers(tmp_path):
     # The micro towers stand in for the tiny config: the same code path in seconds.
     configs_dir = tmp_path / "configs"

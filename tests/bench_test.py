@@ -91,6 +91,7 @@ def test_bench_sources_read_configs_by_path_only():
         assert "from configs" not in text and "import configs" not in text, path
 
 
+@pytest.mark.slow
 def test_losses_command_simulates_its_devices(tmp_path):
     env = without_compilation_cache(os.environ)
     env.pop("XLA_FLAGS", None)  # the command itself must ask for its 8 devices

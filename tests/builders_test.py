@@ -163,6 +163,7 @@ def _files(data_dir: pathlib.Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_synth_builds_are_the_same_bytes_in_every_process(tmp_path):
     """The CLI and a second process build byte-identical files (the examples' protobuf maps
     used to be written in each process's own hash order)."""
@@ -180,6 +181,7 @@ def test_synth_builds_are_the_same_bytes_in_every_process(tmp_path):
     assert [name for name in a if a[name] != b[name]] == []
 
 
+@pytest.mark.slow
 def test_synth_parallel_rendering_keeps_the_order_with_jax_loaded():
     import jax.numpy as jnp
 
@@ -195,11 +197,13 @@ def test_synth_parallel_rendering_keeps_the_order_with_jax_loaded():
         assert record["box_captions"] == expected["box_captions"]
 
 
+@pytest.mark.slow
 def test_synth_render_worker_failure_is_an_error():
     with pytest.raises(RuntimeError, match="render worker .* exited with status 1"):
         list(parallel.render_records(range(parallel.MIN_PARALLEL), size=16, seed=-1, workers=2))
 
 
+@pytest.mark.slow
 def test_synth_render_workers_import_neither_jax_nor_tfds():
     code = "import sys; from region_medclip.data.synth import parallel; "
     code += "print(sorted(m for m in ('jax', 'flax', 'tensorflow', 'tensorflow_datasets') "
@@ -231,6 +235,7 @@ print("digest", len(source), digest.hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_synth_first_use_from_several_processes_builds_once(tmp_path):
     data_dir, count = tmp_path / "tfds", 3
     procs = [_python(_FIRST_USE, str(data_dir), str(k), str(count)) for k in range(count)]

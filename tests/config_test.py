@@ -92,6 +92,7 @@ def test_vitb16_parameter_counts_match_open_clip():
     assert abs(table["total"] / 1e6 - 149.62) <= 0.01
 
 
+@pytest.mark.slow
 def test_summary_cli_prints_the_table():
     result = subprocess.run(
         [sys.executable, "-m", "region_medclip.summary", "--config=configs/vitb16_roi.py"],
@@ -103,6 +104,7 @@ def test_summary_cli_prints_the_table():
     assert "149.62M" in result.stdout
 
 
+@pytest.mark.slow
 def test_summary_cli_rejects_unknown_override():
     result = subprocess.run(
         [

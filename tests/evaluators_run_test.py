@@ -182,6 +182,7 @@ def test_evaluators_run_in_training(trained):
             assert image.format == "PNG" and min(image.size) > 100
 
 
+@pytest.mark.slow
 def test_the_evaluate_cli_reproduces_the_numbers(trained):
     """The CLI on the same checkpoint reproduces the numbers."""
     workdir, saved = trained["workdir"], trained["saved"]
@@ -238,6 +239,7 @@ def test_load_api(trained, caplog):
     assert any("1 of 1 phrases are longer than data.caption_len" in m for m in caplog.messages)
 
 
+@pytest.mark.slow
 def test_predict_cli(trained, tmp_path):
     import region_medclip
     from region_medclip.data import synth

@@ -3,11 +3,13 @@
 import pathlib
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 
 
+@pytest.mark.slow
 def test_inspect_losses_notebook_executes():
     notebook = nbformat.read(NOTEBOOKS / "inspect_losses.ipynb", as_version=4)
     # The kernel inherits this process's environment; the notebook itself asks for 8 devices

@@ -1,4 +1,5 @@
-"""The mesh, the one rules table, and that the train step's activations follow it."""
+"""The mesh, the one rules table, that the train step's activations follow it, and that the step
+gives the same losses and gradients on every layout (FSDP, 8 devices, 1 device)."""
 
 import re
 
@@ -7,6 +8,7 @@ import micro_config
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from micro_config import assert_same_run
 
 from region_medclip import sharding as sharding_lib
 from region_medclip.models import vit
@@ -54,9 +56,9 @@ def _constraints(hlo: str) -> list[str]:
 
 
 def test_activations_are_constrained_to_the_batch_axes_on_an_fsdp_mesh():
-    """With ``mesh.fsdp=2`` the parameters are split over ``fsdp``; the rules entered around the
-    step keep every block's activations split over the batch (8 ways), and the compiled step
-    never holds a whole-batch block activation on one device."""
+    """With ``mesh.fsdp=2`` the parameters are split over ``fsdp``; the step runs on its mesh,
+    the rules table keeps every block's activations split over the batch (8 ways), and the
+    compiled step never holds a whole-batch block activation on one device."""
     c = micro_config.get_config()
     c.mesh.fsdp = 2
     step, state, batch = _lowered_step(c)
@@ -89,3 +91,24 @@ def test_fsdp_mesh_splits_parameters_along_embed():
     assert all("data" not in tuple(spec) for spec in specs)
     leaf = jax.tree.leaves(state.params)[0]
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(jax.device_get(leaf)))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_fsdp_step_equals_replicated(kind):
+    """Same losses and gradients whether params are replicated (data=8) or FSDP-sharded (4 × 2);
+    the losses run over the tuple of both batch axes."""
+    c = micro_config.get_config(f"kind={kind}")
+    batches = [micro_config.random_batch(c, s) for s in range(2)]
+    _, hist_a = micro_config.run_steps(c, batches)
+    c.mesh.fsdp = 2
+    _, hist_b = micro_config.run_steps(c, batches)
+    assert_same_run(hist_a, hist_b)
+    assert all(np.isfinite(h["loss"]) for h in hist_a)
+
+
+def test_one_device_equals_eight():
+    c = micro_config.get_config()
+    batches = [micro_config.random_batch(c, s) for s in range(2)]
+    _, eight = micro_config.run_steps(c, batches)
+    _, one = micro_config.run_steps(c, batches, devices=jax.devices()[:1])
+    assert_same_run(eight, one)

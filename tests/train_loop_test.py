@@ -13,6 +13,7 @@ from region_medclip import checkpointing, train
 from region_medclip import sharding as sharding_lib
 
 
+@pytest.mark.slow
 def test_relative_workdir_saves_and_resumes(synth_data_dir, tmp_path, monkeypatch):
     # As README's commands pass it (--workdir=runs/tiny); orbax itself needs an absolute path.
     monkeypatch.chdir(tmp_path)
@@ -56,6 +57,7 @@ def test_train_two_steps_checkpoint_resume_two_more(synth_data_dir, tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "run/tb"))
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_counted_then_abort(synth_data_dir, tmp_path):
     def poison(steps):
         def hook(step, batch):
@@ -75,6 +77,7 @@ def test_nonfinite_steps_are_counted_then_abort(synth_data_dir, tmp_path):
         train.train_and_evaluate(c, str(tmp_path / "b"), batch_hook=poison({2, 3, 4, 5, 6}))
 
 
+@pytest.mark.slow
 def test_teacher_is_frozen_and_outside_optimizer(synth_data_dir, tmp_path):
     teacher_dir = str(tmp_path / "teacher")
     train.train_and_evaluate(config(synth_data_dir, **{"train.total_steps": 2}), teacher_dir)
@@ -101,6 +104,7 @@ def test_teacher_is_frozen_and_outside_optimizer(synth_data_dir, tmp_path):
     assert result["distill/loss"] > 0
 
 
+@pytest.mark.slow
 def test_init_from_checkpoint(synth_data_dir, tmp_path):
     source = str(tmp_path / "source")
     train.train_and_evaluate(config(synth_data_dir, **{"train.total_steps": 2}), source)

@@ -126,6 +126,7 @@ def _assert_trained_text_tower_is_minilm(run_dir: str) -> None:
     assert ids[0] == 101 and 102 in ids
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_hf_bert_conversion_starts_the_text_tower(tmp_path):
     """convert --format=hf_bert on the real MiniLM checkpoint → a text-tower checkpoint that

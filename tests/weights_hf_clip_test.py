@@ -157,6 +157,7 @@ def _expected_teacher_logits(torch, reference, concepts, templates, images, boxe
     return (zroi @ z.T).reshape(*boxes.shape[:2], len(concepts)) * roi_mask[..., None]
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_converted_clip_teacher_logits_equal_transformers_on_crops(tmp_path):
     """An imported CLIP as the distillation teacher: each ROI is cropped (torchvision's

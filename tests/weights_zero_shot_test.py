@@ -113,6 +113,7 @@ def _tfds_copy(data_dir: str, files) -> str:
     return str(builder.data_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_imagenet_zero_shot_equals_open_clip_protocol(tmp_path):
     """The ImageNet zero-shot command on a converted random CLIP and a fake ImageNetV2-style

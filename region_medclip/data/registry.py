@@ -2,8 +2,8 @@
 
 An entry holds a dataset's TFDS builder, the names behind its ``labels [C]`` vectors, its
 "no finding" class, the zero-shot prompt sets written in its own report language, and the
-concept vocabulary of the distillation teacher. The pipeline, the evaluators, the teacher and
-the ``load()`` API read entries from here; nothing else branches on a dataset's name.
+concept vocabulary of the distillation teacher. The pipeline, the evaluators and the teacher
+read entries from here; nothing else branches on a dataset's name.
 
 ``get("synth_cxr").class_names()`` → ``["no finding", "nodule", ...]``.
 """

@@ -162,9 +162,10 @@ def make_train_step(
     """The jitted ``train_step(state, batch, teacher_params) → (state, metrics)``.
 
     The state is donated. A step whose loss or gradient is not finite leaves params and optimizer
-    state unchanged and counts itself in ``state.skipped`` / ``state.bad_streak``. The step is
-    traced inside the logical-axis rules of ``mesh``, so the modules' activation annotations
-    (``batch``, ``length``, ...) constrain the layout GSPMD gives them. With ``max_traces``,
+    state unchanged and counts itself in ``state.skipped`` / ``state.bad_streak``. The step runs
+    with ``mesh`` as the ambient mesh (``sharding.with_logical_rules``), so the modules'
+    activation annotations (``batch``, ``length``, ...) constrain the layout GSPMD gives them
+    under the one rules table. With ``max_traces``,
     tracing the step more often than that raises (``chex.assert_max_traces``): a retrace between
     steps would recompile the whole model.
     """
