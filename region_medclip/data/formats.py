@@ -1,4 +1,5 @@
-"""Raw-format readers: each dataset's files as distributed → schema records (DESIGN §5.1).
+"""Raw-format readers: each dataset's files as distributed → schema records
+(docs/design.md §5.1).
 
 ``READERS[name](root, *, strict=False, counter=None, split=None, verify_images=True, **options)``
 returns :class:`~region_medclip.data.formats_io.Records`, an iterator of records whose
@@ -9,7 +10,7 @@ reason (``counter.counts``) and what was repaired (``counter.repairs``)::
   for record in records: ...
   print(records.counter.counts)   # Counter({'missing image': 2, 'empty report': 31})
 
-What is checked (DESIGN §5.5):
+What is checked (docs/design.md §5.5):
 
 * at the call, a source that cannot be read at all — a missing folder or CSV, a CSV without a
   required column — raises :class:`~region_medclip.data.schema.DataError` naming the file and

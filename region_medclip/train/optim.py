@@ -50,7 +50,7 @@ def param_labels(params, optim_config) -> dict:
 
 def decay_mask(params):
     """Weight decay on matrices and higher-rank kernels / embeddings only, never on biases,
-    norm scales or the scalar temperature and bias (DESIGN §6)."""
+    norm scales or the scalar temperature and bias (docs/design.md §6)."""
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 

@@ -245,7 +245,7 @@ class CsvConfig(tfds.core.BuilderConfig):
 
 
 class Csv(_ManualBuilder):
-    """The user's own image–caption data from a CSV or JSONL file (DESIGN §5.2)."""
+    """The user's own image–caption data from a CSV or JSONL file (docs/design.md §5.2)."""
 
     name = "csv"
     SOURCE = "csv"
