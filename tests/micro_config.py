@@ -12,7 +12,6 @@ import time
 import jax
 import numpy as np
 
-import conftest
 from region_medclip import checkpointing, metrics_writer, train
 from region_medclip import config as config_lib
 from region_medclip import sharding as sharding_lib
@@ -111,6 +110,8 @@ def run_main(workdir, data_dir, *flags, devices=8, timeout=300, **popen):
         *flags,
     ]
     if popen:  # runs beside the tests and may be killed: no shared cache
+        import conftest  # not at the top: importing it sets this process's device count
+
         return subprocess.Popen(cmd, env=conftest.without_compilation_cache(env), cwd=ROOT, **popen)
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]

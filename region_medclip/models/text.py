@@ -170,20 +170,7 @@ class BertText(nn.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(tokens)
 
-        def embed(name, num, ids):
-            return nn.Embed(
-                num,
-                self.width,
-                embedding_init=layers.logical(nn.initializers.normal(0.02), ("vocab", "embed")),
-                name=name,
-                **kw,
-            )(ids)
-
-        positions = jnp.arange(tokens.shape[-1])[None]
-        x = embed("word_embeddings", self.vocab_size, tokens)
-        x = x + embed("position_embeddings", self.context_len, positions)
-        x = x + embed("token_type_embeddings", self.type_vocab_size, token_type_ids)
-        x = layers.layer_norm("ln_embed", eps=self.ln_eps, **kw)(x)
+        x = _bert_embeddings(self, tokens, token_type_ids, kw)
         block_cls = nn.remat(PostLNBlock) if self.remat else PostLNBlock
         mask = attention_mask[:, None, None, :]
         for i in range(self.depth):
@@ -195,17 +182,42 @@ class BertText(nn.Module):
                 name=f"block{i}",
                 **kw,
             )(x, mask)
-        if self.pool == "cls":
-            pooled = x[:, 0]
-        else:
-            weights = attention_mask.astype(x.dtype)[..., None]
-            # max(·, 1) keeps an all-padding row finite (it pools to zero).
-            pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
-        if self.proj_hidden:
-            pooled = layers.projection(self.proj_hidden, "proj_hidden", **kw)(pooled)
-            pooled = layers.activation("gelu")(pooled)
-        pooled = layers.projection(self.embed_dim, "proj", **kw)(pooled)
-        return pooled, x
+        return _bert_pool(self, x, attention_mask, kw), x
+
+
+def _bert_embeddings(bert: BertText, tokens, token_type_ids, kw) -> jax.Array:
+    """Word + position + token-type embeddings, LayerNormed: ``[B, L] → [B, L, width]``
+    (submodules of ``bert``, created inside its compact call)."""
+
+    def embed(name, num, ids):
+        return nn.Embed(
+            num,
+            bert.width,
+            embedding_init=layers.logical(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name=name,
+            **kw,
+        )(ids)
+
+    positions = jnp.arange(tokens.shape[-1])[None]
+    x = embed("word_embeddings", bert.vocab_size, tokens)
+    x = x + embed("position_embeddings", bert.context_len, positions)
+    x = x + embed("token_type_embeddings", bert.type_vocab_size, token_type_ids)
+    return layers.layer_norm("ln_embed", eps=bert.ln_eps, **kw)(x)
+
+
+def _bert_pool(bert: BertText, x, attention_mask, kw) -> jax.Array:
+    """``[B, L, width]`` token states → ``[B, embed_dim]``: the ``[CLS]`` state or the mean of
+    the real tokens, through the (MLP) projection."""
+    if bert.pool == "cls":
+        pooled = x[:, 0]
+    else:
+        weights = attention_mask.astype(x.dtype)[..., None]
+        # max(·, 1) keeps an all-padding row finite (it pools to zero).
+        pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+    if bert.proj_hidden:
+        pooled = layers.projection(bert.proj_hidden, "proj_hidden", **kw)(pooled)
+        pooled = layers.activation("gelu")(pooled)
+    return layers.projection(bert.embed_dim, "proj", **kw)(pooled)
 
 
 # name → (width, depth, mlp_dim, heads) of the CLIP text transformer.

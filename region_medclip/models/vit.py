@@ -155,52 +155,12 @@ class ViT(nn.Module):
           ``pooled [B, embed_dim]`` (unnormalised) and ``patch_tokens [B, h, w, width]``
           (final-block tokens before ``ln_post``, class token removed).
         """
-        if self.pool not in ("cls", "gap", "map"):
-            raise ValueError(f"unknown pool {self.pool!r}; choose cls, gap or map")
-        if self.pool == "cls" and not self.class_token:
-            raise ValueError("pool='cls' needs class_token=True")
-        batch, height, width_px, _ = images.shape
-        if height % self.patch or width_px % self.patch:
-            raise ValueError(f"image {height}x{width_px} is not divisible by patch {self.patch}")
-        if self.stem not in ("patch", "hmlp"):
-            raise ValueError(f"unknown stem {self.stem!r}; choose patch or hmlp")
+        self._check(images)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-
-        if self.stem == "hmlp":
-            x = HMLPStem(self.width, self.patch, name="stem", **kw)(images.astype(self.dtype))
-        else:
-            x = nn.Conv(
-                self.width,
-                (self.patch, self.patch),
-                strides=(self.patch, self.patch),
-                padding="VALID",
-                use_bias=self.patch_bias,
-                kernel_init=layers.logical(
-                    nn.initializers.lecun_normal(), (None, None, None, "embed")
-                ),
-                name="patch_embed",
-                **kw,
-            )(images.astype(self.dtype))
-        grid_h, grid_w = x.shape[1], x.shape[2]
+        x = _patch_tokens(self, images.astype(self.dtype), kw)
+        batch, grid_h, grid_w = x.shape[:3]
         x = x.reshape(batch, grid_h * grid_w, self.width)
-        num_prefix = 0
-        if self.class_token:
-            cls = self.param(
-                "class_embedding",
-                layers.logical(nn.initializers.normal(self.width**-0.5), ("embed",)),
-                (self.width,),
-                self.param_dtype,
-            )
-            cls = jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, self.width))
-            x = jnp.concatenate([cls, x], axis=1)
-            num_prefix = 1
-        pos = self.param(
-            "pos_embedding",
-            layers.logical(nn.initializers.normal(self.width**-0.5), (None, "embed")),
-            (x.shape[1], self.width),
-            self.param_dtype,
-        )
-        x = x + pos.astype(x.dtype)[None]
+        x, num_prefix = _prefix_and_positions(self, x)
         if self.ln_pre:
             x = layers.layer_norm("ln_pre", eps=self.ln_eps, **kw)(x)
         x = layers.PreLNEncoder(
@@ -214,23 +174,80 @@ class ViT(nn.Module):
             **kw,
         )(x)
         patch_tokens = x[:, num_prefix:].reshape(batch, grid_h, grid_w, self.width)
-
         x = layers.layer_norm("ln_post", eps=self.ln_eps, **kw)(x)
-        if self.pool == "cls":
-            pooled = x[:, 0]
-        elif self.pool == "gap":
-            pooled = x[:, num_prefix:].mean(axis=1)
-        else:
-            pooled = MAPHead(
-                heads=self.heads,
-                mlp_dim=self.mlp_dim,
-                act=self.act,
-                ln_eps=self.ln_eps,
-                name="map_head",
-                **kw,
-            )(x[:, num_prefix:])
-        pooled = layers.projection(self.embed_dim, "proj", **kw)(pooled)
-        return pooled, patch_tokens
+        pooled = _pool(self, x, num_prefix, kw)
+        return layers.projection(self.embed_dim, "proj", **kw)(pooled), patch_tokens
+
+    def _check(self, images: jax.Array) -> None:
+        if self.pool not in ("cls", "gap", "map"):
+            raise ValueError(f"unknown pool {self.pool!r}; choose cls, gap or map")
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("pool='cls' needs class_token=True")
+        height, width_px = images.shape[1:3]
+        if height % self.patch or width_px % self.patch:
+            raise ValueError(f"image {height}x{width_px} is not divisible by patch {self.patch}")
+        if self.stem not in ("patch", "hmlp"):
+            raise ValueError(f"unknown stem {self.stem!r}; choose patch or hmlp")
+
+
+# The parts of ViT.__call__, as functions of the module: their submodules and params are the
+# module's own (created inside its compact call), named as before.
+
+
+def _patch_tokens(vit: ViT, images: jax.Array, kw) -> jax.Array:
+    """``[B, H, W, C] → [B, h, w, width]`` through the stem (linear patches or the hMLP)."""
+    if vit.stem == "hmlp":
+        return HMLPStem(vit.width, vit.patch, name="stem", **kw)(images)
+    return nn.Conv(
+        vit.width,
+        (vit.patch, vit.patch),
+        strides=(vit.patch, vit.patch),
+        padding="VALID",
+        use_bias=vit.patch_bias,
+        kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+        name="patch_embed",
+        **kw,
+    )(images)
+
+
+def _prefix_and_positions(vit: ViT, x: jax.Array) -> tuple[jax.Array, int]:
+    """``[B, N, width]`` → the class token prepended (if any) and the learned positions added;
+    returns the tokens and the number of prefix tokens."""
+    batch = x.shape[0]
+    num_prefix = 0
+    if vit.class_token:
+        cls = vit.param(
+            "class_embedding",
+            layers.logical(nn.initializers.normal(vit.width**-0.5), ("embed",)),
+            (vit.width,),
+            vit.param_dtype,
+        )
+        cls = jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, vit.width))
+        x = jnp.concatenate([cls, x], axis=1)
+        num_prefix = 1
+    pos = vit.param(
+        "pos_embedding",
+        layers.logical(nn.initializers.normal(vit.width**-0.5), (None, "embed")),
+        (x.shape[1], vit.width),
+        vit.param_dtype,
+    )
+    return x + pos.astype(x.dtype)[None], num_prefix
+
+
+def _pool(vit: ViT, x: jax.Array, num_prefix: int, kw) -> jax.Array:
+    """``[B, N, width]`` → ``[B, width]``: class token, mean of patch tokens, or MAP head."""
+    if vit.pool == "cls":
+        return x[:, 0]
+    if vit.pool == "gap":
+        return x[:, num_prefix:].mean(axis=1)
+    return MAPHead(
+        heads=vit.heads,
+        mlp_dim=vit.mlp_dim,
+        act=vit.act,
+        ln_eps=vit.ln_eps,
+        name="map_head",
+        **kw,
+    )(x[:, num_prefix:])
 
 
 def vit_from_variant(variant: str, **kwargs) -> ViT:

@@ -148,6 +148,35 @@ def _fingerprint(texts: jax.Array) -> jax.Array:
     return jnp.sum(texts * weights)
 
 
+def _guarded_update(state: state_lib.TrainState, loss, grads, tx, clamp: bool):
+    """The optimizer update of ``state`` by ``grads``, kept only if ``loss`` and the gradient
+    norm are finite (a non-finite step is counted in ``skipped`` / ``bad_streak``); returns the
+    new state and ``grad_norm``, ``skipped_steps``, ``bad_streak``, ``nonfinite``."""
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if clamp:
+        params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, math.log(100))}
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    bad = (~ok).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=jax.random.fold_in(state.rng, state.step),
+        skipped=state.skipped + bad,
+        bad_streak=(state.bad_streak + bad) * bad,
+    )
+    metrics = {
+        "grad_norm": grad_norm,
+        "skipped_steps": new_state.skipped,
+        "bad_streak": new_state.bad_streak,
+        "nonfinite": bad,
+    }
+    return new_state, metrics
+
+
 def make_train_step(
     *,
     model: clip.RegionCLIP,
@@ -165,9 +194,8 @@ def make_train_step(
     state unchanged and counts itself in ``state.skipped`` / ``state.bad_streak``. The step runs
     with ``mesh`` as the ambient mesh (``sharding.with_logical_rules``), so the modules'
     activation annotations (``batch``, ``length``, ...) constrain the layout GSPMD gives them
-    under the one rules table. With ``max_traces``,
-    tracing the step more often than that raises (``chex.assert_max_traces``): a retrace between
-    steps would recompile the whole model.
+    under the one rules table. With ``max_traces``, tracing the step more often than that raises
+    (``chex.assert_max_traces``): a retrace between steps would recompile the whole model.
     """
     clamp = config.loss.global_kind != "sigmoid"  # softmax-style scale clamped to [0, log 100]
     batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -176,29 +204,11 @@ def make_train_step(
 
     def train_step(state: state_lib.TrainState, batch, teacher_params):
         loss, metrics, grads = gradients(state.params, batch, teacher_params)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if clamp:
-            params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, math.log(100))}
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
-        bad = (~ok).astype(jnp.int32)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            rng=jax.random.fold_in(state.rng, state.step),
-            skipped=state.skipped + bad,
-            bad_streak=(state.bad_streak + bad) * bad,
-        )
+        new_state, update_metrics = _guarded_update(state, loss, grads, tx, clamp)
         metrics = {
             **metrics,
-            "grad_norm": grad_norm,
+            **update_metrics,
             "lr": lr_fn(state.step),
-            "skipped_steps": new_state.skipped,
-            "bad_streak": new_state.bad_streak,
-            "nonfinite": bad,
             "data/fingerprint": _fingerprint(batch["texts"]),
         }
         return new_state, metrics
