@@ -24,14 +24,12 @@ def test_summarise_means_and_stds_by_hand():
 
 
 @pytest.mark.slow
-def test_every_variant_trains_evaluates_and_is_not_trained_twice(tmp_path):
+def test_every_variant_trains_evaluates_and_is_not_trained_twice(tmp_path, synth_data_dir):
     import micro_config
 
     from region_medclip import config as common
-    from region_medclip.data.synth import builder as synth_cxr
 
-    data_dir = str(tmp_path / "tfds")
-    synth_cxr.ensure_built(data_dir, size=32, num=160, seed=0)
+    data_dir = synth_data_dir
     base = micro_config.get_config(f"data_dir={data_dir},steps=2,evals")
     workdir = tmp_path / "ablation"
     summary, table = ablation.run(base, str(workdir), [0], list(ablation.VARIANTS))

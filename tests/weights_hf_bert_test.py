@@ -128,7 +128,7 @@ def _assert_trained_text_tower_is_minilm(run_dir: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parity
-def test_hf_bert_conversion_starts_the_text_tower(tmp_path):
+def test_hf_bert_conversion_starts_the_text_tower(tmp_path, synth_data_dir):
     """convert --format=hf_bert on the real MiniLM checkpoint → a text-tower checkpoint that
     `init_text_from` + `model.init_from` load into training: the trained model's text tower (lr 0)
     is MiniLM's, the projection and the other towers keep their random init."""
@@ -136,7 +136,6 @@ def test_hf_bert_conversion_starts_the_text_tower(tmp_path):
 
     from region_medclip import config as config_lib
     from region_medclip import train
-    from region_medclip.data.synth import builder as synth_cxr
     from region_medclip.weights import convert
 
     out = str(tmp_path / "minilm")
@@ -146,8 +145,7 @@ def test_hf_bert_conversion_starts_the_text_tower(tmp_path):
     with pytest.raises(ValueError, match="holds only"):
         region_medclip.load(out)
 
-    data_dir = str(tmp_path / "tfds")
-    synth_cxr.ensure_built(data_dir, size=32, num=160, seed=0)
+    data_dir = synth_data_dir
     c = micro_config.get_config(f"data_dir={data_dir},steps=1")
     clip_text = c.model.text.to_dict()
     config_lib.init_text_from(c, out)

@@ -159,7 +159,7 @@ def _expected_teacher_logits(torch, reference, concepts, templates, images, boxe
 
 @pytest.mark.slow
 @pytest.mark.parity
-def test_converted_clip_teacher_logits_equal_transformers_on_crops(tmp_path):
+def test_converted_clip_teacher_logits_equal_transformers_on_crops(tmp_path, synth_data_dir):
     """An imported CLIP as the distillation teacher: each ROI is cropped (torchvision's
     roi_align) and encoded by CLIP's image tower; each concept is the renormalised mean of its
     prompt embeddings. Our teacher logits equal that computed with transformers and torchvision;
@@ -171,7 +171,6 @@ def test_converted_clip_teacher_logits_equal_transformers_on_crops(tmp_path):
     from region_medclip import config as config_lib
     from region_medclip import sharding as sharding_lib
     from region_medclip import train
-    from region_medclip.data.synth import builder as synth_cxr
     from region_medclip.train import distillation as teacher_lib
     from region_medclip.weights import convert
 
@@ -180,8 +179,7 @@ def test_converted_clip_teacher_logits_equal_transformers_on_crops(tmp_path):
     out = str(tmp_path / "clip")
     convert.convert_hf_clip(str(tmp_path / "hf"), out)
 
-    data_dir = str(tmp_path / "tfds")
-    synth_cxr.ensure_built(data_dir, size=32, num=160, seed=0)
+    data_dir = synth_data_dir
     c = micro_config.get_config(f"data_dir={data_dir},steps=2")
     config_lib.init_model_from(c, out)
     assert c.data.tokenizer == "clip_bpe" and c.data.image_size == 32
