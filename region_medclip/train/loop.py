@@ -4,6 +4,7 @@
 checkpoint if there is one; the evaluators of ``config.evals`` run when they are due.
 """
 
+import dataclasses
 import json
 import logging
 import signal
@@ -199,78 +200,82 @@ def train_and_evaluate(
     batches = _train_batches(config, batch_size)
     ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep)
     state, start = restore_or_init(run, config, ckpt, batches)
-    loop = dict(
+    loop = _Loop(
+        config=config,
+        workdir=workdir,
+        model=run.model,
+        batches=batches,
+        ckpt=ckpt,
+        config_json=config_json,
+        evals=evals,
         train_step=run.train_step(config, mesh, teacher),
         teacher_params=teacher.params if teacher else {},
         log=_StepLog(config, workdir, start, batches),
         batch_sharding=sharding_lib.batch_sharding(mesh),
     )
     try:
-        result = _loop(
-            config,
-            workdir,
-            run,
-            state,
-            start,
-            batches,
-            ckpt,
-            config_json,
-            evals,
-            batch_hook=batch_hook,
-            **loop,
-        )
+        return loop.run(state, start, batch_hook)
     finally:
         ckpt.close()  # waits for saves in flight, also when a step raised
-        loop["log"].writer.close()
-    return result
+        loop.log.writer.close()
 
 
-def _loop(
-    config,
-    workdir,
-    run,
-    state,
-    start,
-    batches,
-    ckpt,
-    config_json,
-    evals,
-    *,
-    batch_hook,
-    train_step,
-    teacher_params,
-    log,
-    batch_sharding,
-) -> dict[str, Any]:
-    """Steps ``start + 1 … train.total_steps`` (or until SIGTERM)."""
-    total_steps = log.total_steps
-    last, last_eval, pending, preempted = {}, {}, None, False
-    with _Preemption() as preemption:
-        for step in range(start + 1, total_steps + 1):
-            batch = next(batches)
-            if batch_hook is not None:
-                batch = batch_hook(step, batch)
-            batch = {
-                k: jax.make_array_from_process_local_data(batch_sharding, v)
-                for k, v in batch.items()
-            }
-            state, metrics = train_step(state, batch, teacher_params)
+@dataclasses.dataclass
+class _Loop:
+    """What every step of a run shares."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    model: Any
+    batches: pipeline.BatchIterator
+    ckpt: checkpointing.Checkpointer
+    config_json: dict
+    evals: dict[str, dict]
+    train_step: Callable
+    teacher_params: Any
+    log: _StepLog
+    batch_sharding: Any
+
+    def _device_batch(self, step: int, batch_hook) -> dict[str, jax.Array]:
+        batch = next(self.batches)
+        if batch_hook is not None:
+            batch = batch_hook(step, batch)
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()
+        }
+
+    def run(self, state, start: int, batch_hook) -> dict[str, Any]:
+        """Steps ``start + 1 … train.total_steps`` (or until SIGTERM); returns the last logged
+        metrics with ``step``, ``preempted`` and ``eval``."""
+        total_steps, save_every = self.log.total_steps, self.config.train.ckpt_every
+        last, last_eval, pending, preempted = {}, {}, None, False
+        with _Preemption() as preemption:
+            for step in range(start + 1, total_steps + 1):
+                batch = self._device_batch(step, batch_hook)
+                state, metrics = self.train_step(state, batch, self.teacher_params)
+                if pending is not None:
+                    last = self.log.drain(*pending)
+                pending = (step, metrics)
+                if step % save_every == 0 or step == total_steps:
+                    self.ckpt.save(step, state, self.batches, self.config_json)
+                due = _due(self.evals, step, total_steps)
+                if due:
+                    last_eval = _run_evals(
+                        self.config,
+                        self.model,
+                        state.params,
+                        due,
+                        self.workdir,
+                        step,
+                        self.log.writer,
+                    )
+                if preemption.check(step):
+                    last, pending = self.log.drain(*pending), None
+                    if step not in self.ckpt.all_steps():
+                        self.ckpt.save(step, state, self.batches, self.config_json, force=True)
+                    preempted = True
+                    break
             if pending is not None:
-                last = log.drain(*pending)
-            pending = (step, metrics)
-            if step % config.train.ckpt_every == 0 or step == total_steps:
-                ckpt.save(step, state, batches, config_json)
-            due = _due(evals, step, total_steps)
-            if due:
-                last_eval = _run_evals(
-                    config, run.model, state.params, due, workdir, step, log.writer
-                )
-            if preemption.check(step):
-                last, pending = log.drain(*pending), None
-                if step not in ckpt.all_steps():
-                    ckpt.save(step, state, batches, config_json, force=True)
-                preempted = True
-                break
-        if pending is not None:
-            last = log.drain(*pending)
-    return {**last, "step": int(_host(state.step)), "preempted": preempted, "eval": last_eval}
+                last = self.log.drain(*pending)
+        return {**last, "step": int(_host(state.step)), "preempted": preempted, "eval": last_eval}
