@@ -1,6 +1,7 @@
 """The Python API: ``region_medclip.load(path)`` → a model for embedding, zero-shot and grounding.
 
 model = region_medclip.load("runs/tiny")
+probs = model.zero_shot(images_uint8)  # [B, F]: the findings, scored as the evaluator does
 probs = model.zero_shot(images_uint8, ["pleural effusion", "nodule"])   # [B, 2]
 heat = model.ground(image_uint8, "small nodule in the right upper zone")  # [S, S]
 """
@@ -12,15 +13,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from region_medclip import checkpointing
+from region_medclip.data import registry as data_registry
 from region_medclip.data import tokenizers as tokenizers_lib
 from region_medclip.data import transforms
 from region_medclip.evaluators import embeddings, grounding, zero_shot
 from region_medclip.models import clip
 
 _log = logging.getLogger("region_medclip.api")
+# Images a compiled image-tower call takes: any batch is run in chunks of this many.
+IMAGE_CHUNK = 32
 
 
 class Model:
@@ -44,28 +47,36 @@ class Model:
         )
 
     def preprocess(self, images) -> np.ndarray:
-        """uint8 images — one ``[H, W]`` / ``[H, W, 3]`` array or a batch / list of them — →
-        ``[B, S, S, 3]`` float32: gray, aspect-preserving resize, centred padding, CLIP
-        normalisation (what the training pipeline does, without augmentation)."""
+        """Films — one ``[H, W]`` / ``[H, W, 3]`` uint8 or 16-bit array, or a batch / list of
+        them — → ``[B, S, S, 3]`` float32: gray, aspect-preserving resize, centred padding, CLIP
+        normalisation (what the training pipeline does, without augmentation). 16-bit films are
+        scaled from the full 16-bit range (``transforms.gray_uint8``)."""
         if isinstance(images, np.ndarray):
-            single = images.ndim == 2 or (images.ndim == 3 and images.shape[-1] == 3)
+            single = images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (3, 4))
             images = [images] if single else list(images)
         out = []
-        for image in images:
-            image = np.asarray(image)
-            if image.dtype != np.uint8:
-                raise ValueError(f"preprocess expects uint8 images, got {image.dtype}")
-            if image.ndim == 3:
-                image = np.asarray(Image.fromarray(image).convert("L"))
-            example = {"image": image, "boxes": np.zeros((0, 4), np.float32)}
+        for index, image in enumerate(images):
+            try:
+                gray = transforms.gray_uint8(image)
+            except ValueError as err:
+                raise ValueError(f"preprocess: image {index}: {err}") from err
+            example = {"image": gray, "boxes": np.zeros((0, 4), np.float32)}
             square = transforms.ResizePad(self.image_size).map(example)["image"]
-            gray = square.astype(np.float32)[..., None] / 255.0
-            out.append(((gray - transforms.MEAN) / transforms.STD).astype(np.float32))
+            pixels = square.astype(np.float32)[..., None] / 255.0
+            out.append(((pixels - transforms.MEAN) / transforms.STD).astype(np.float32))
         return np.stack(out)
 
     def encode_image(self, images: np.ndarray) -> np.ndarray:
-        """``[B, H, W, C]`` float32 preprocessed images → ``[B, D]`` L2-normalised."""
-        return np.asarray(self._image(self.params, jnp.asarray(images, jnp.float32))[0])
+        """``[B, H, W, C]`` float32 preprocessed images → ``[B, D]`` L2-normalised, in chunks of
+        ``IMAGE_CHUNK`` (the last one padded: one compiled shape for any ``B``)."""
+        images = np.asarray(images, np.float32)
+        out = []
+        for start in range(0, len(images), IMAGE_CHUNK):
+            chunk = images[start : start + IMAGE_CHUNK]
+            padded = np.zeros((IMAGE_CHUNK, *chunk.shape[1:]), np.float32)
+            padded[: len(chunk)] = chunk
+            out.append(np.asarray(self._image(self.params, jnp.asarray(padded))[0])[: len(chunk)])
+        return np.concatenate(out)
 
     def encode_text(self, texts) -> np.ndarray:
         """A list of strings (tokenized at ``data.text_len``) or int32 ids ``[B, L]`` →
@@ -76,24 +87,76 @@ class Model:
             texts = self.tokenizer(list(texts), self.text_len)
         return np.asarray(self._text(self.params, jnp.asarray(texts, jnp.int32)))
 
-    def zero_shot(self, images, labels: Sequence[str], negatives: str = "prompts") -> np.ndarray:
-        """uint8 images and free-text finding names → ``[B, len(labels)]`` probabilities, each
-        from its positive prompt set against its negative one (``negatives="prompts"``: "No
-        {label}." templates) or against the normal-study prompts (``"normal"``); findings are
-        not mutually exclusive."""
-        if negatives not in zero_shot.NEGATIVE_SETS:
-            raise ValueError(f"negatives={negatives!r}; choose one of {zero_shot.NEGATIVE_SETS}")
-        zimg = self.encode_image(self.preprocess(images))
-        encode = embeddings.text_encoder(self.module, self.params, self.tokenizer, self.text_len)
-        labels = list(labels)
-        zpos = zero_shot.class_embeddings(encode, zero_shot.template_prompts(labels))
-        if negatives == "normal":
-            zneg = zero_shot.normal_embeddings(encode, len(labels))
-        else:
-            zneg = zero_shot.class_embeddings(
-                encode, zero_shot.template_prompts(labels, zero_shot.NEGATIVE_TEMPLATES)
+    def zero_shot_settings(self) -> dict[str, str]:
+        """What :meth:`zero_shot` scores with by default, the run's own zero-shot evaluator's:
+        ``dataset`` (``config.data.eval``, whose registry entry holds the prompt sets),
+        ``prompts`` and ``negatives`` (``config.evals.zero_shot``, else the first evaluator of
+        kind ``zero_shot``, else that kind's defaults)."""
+        evals = self.config.get("evals", {})
+        kinds = [name for name in evals if evals[name].get("kind") == "zero_shot"]
+        names = (["zero_shot"] if "zero_shot" in kinds else []) + kinds
+        chosen = evals[names[0]] if names else {}
+        settings = {
+            key: chosen.get(key, zero_shot.OPTIONS[key]) for key in ("prompts", "negatives")
+        }
+        return {"dataset": self.config.data.get("eval", "synth_cxr"), **settings}
+
+    def dataset_findings(self, dataset: str | None = None) -> list[str]:
+        """The finding names of ``dataset`` (default: the run's, ``config.data.eval``), its
+        class names less "no finding": the columns :meth:`zero_shot` returns by default."""
+        entry = data_registry.get(dataset or self.zero_shot_settings()["dataset"])
+        return [name for name in entry.class_names() if not name.startswith("no ")]
+
+    def zero_shot(
+        self,
+        images,
+        labels: Sequence[str] | None = None,
+        *,
+        prompts: str | None = None,
+        negatives: str | None = None,
+        dataset: str | None = None,
+    ) -> np.ndarray:
+        """Films (as :meth:`preprocess` takes them) and finding names → ``[B, F]``
+        probabilities, each finding's positive prompt set weighed against its negative one;
+        findings are not mutually exclusive.
+
+        By default this scores as the run's evaluator does (:meth:`zero_shot_settings`): the
+        prompt set ``prompts`` of ``dataset``'s registry entry, against each finding's own
+        negations (``negatives="prompts"``) or the normal-study prompts (``"normal"``).
+        ``labels`` defaults to the dataset's findings; a name the dataset's prompt set does not
+        know is prompted with the generic templates ("There is {label}."), with a warning.
+
+        Raises:
+          ValueError: an unknown prompt or negative set, or a "no ..." label (it has no
+            negation).
+        """
+        settings = self.zero_shot_settings()
+        overrides = dict(prompts=prompts, negatives=negatives, dataset=dataset)
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        entry = data_registry.get(settings["dataset"])
+        known = entry.class_names() if entry.label_names else []
+        if labels is None:
+            labels = self.dataset_findings(entry.name)
+        labels = [str(label).strip().lower() for label in labels]
+        if any(label.startswith("no ") for label in labels):
+            raise ValueError(f"zero_shot: labels {labels}: a 'no ...' class has no negation")
+        unknown = [label for label in labels if label not in known]
+        if unknown:
+            _log.warning(
+                "zero_shot: %s not among %s's findings: prompted with the generic templates",
+                unknown,
+                entry.name,
             )
-        return zero_shot.positive_probability(zimg, zpos, zneg, self.logit_scale)
+        probs, _, _ = zero_shot.finding_probabilities(
+            zimg=self.encode_image(self.preprocess(images)),
+            class_names=labels,
+            encode=embeddings.text_encoder(self.module, self.params, self.tokenizer, self.text_len),
+            logit_scale=self.logit_scale,
+            prompts=settings["prompts"],
+            negatives=settings["negatives"],
+            dataset=entry,
+        )
+        return probs
 
     def ground(self, image, phrase: str) -> np.ndarray:
         """One uint8 image and a phrase → ``[S, S]`` similarity heatmap over the preprocessed

@@ -1,6 +1,6 @@
 """Zero-shot prediction and grounding for one image:
 
-python -m region_medclip.predict --workdir=DIR --image=cxr.png --labels="effusion,nodule"
+python -m region_medclip.predict --workdir=DIR --image=cxr.png [--labels="pleural effusion,nodule"]
 python -m region_medclip.predict --workdir=DIR --image=cxr.png --phrase="..." --out=heat.png
 """
 
@@ -8,16 +8,24 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from region_medclip.data import transforms
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (latest checkpoint is used).")
 _IMAGE = flags.DEFINE_string("image", None, "Image file (PNG/JPEG).")
-_LABELS = flags.DEFINE_list("labels", [], "Comma-separated finding names.")
+_LABELS = flags.DEFINE_list(
+    "labels", [], "Comma-separated finding names (default: the findings of the run's dataset)."
+)
 _PHRASE = flags.DEFINE_string("phrase", None, "Phrase to ground.")
 _OUT = flags.DEFINE_string("out", "grounding.png", "Where the grounding heatmap PNG goes.")
+_PROMPTS = flags.DEFINE_string(
+    "prompts", None, "Prompt set of the dataset's registry entry (default: the run's evaluator's)."
+)
 _NEGATIVES = flags.DEFINE_enum(
     "negatives",
-    "prompts",
+    None,
     ["prompts", "normal"],
-    "What each label is weighed against: its 'No {label}.' prompts, or normal-study prompts.",
+    "What each label is weighed against: its own negations, or normal-study prompts (default: "
+    "the run's evaluator's).",
 )
 
 
@@ -34,16 +42,16 @@ def main(argv):
     del argv
     import region_medclip
 
-    if not _LABELS.value and not _PHRASE.value:
-        raise app.UsageError("give --labels and/or --phrase")
     try:
-        image = np.asarray(Image.open(_IMAGE.value).convert("L"))
+        with Image.open(_IMAGE.value) as pil:
+            image = transforms.gray_uint8(pil)
     except (OSError, ValueError) as err:
         raise app.UsageError(f"--image={_IMAGE.value}: cannot read it ({err})") from err
     model = region_medclip.load(_WORKDIR.value)
-    if _LABELS.value:
-        probs = model.zero_shot(image, _LABELS.value, negatives=_NEGATIVES.value)[0]
-        for label, p in zip(_LABELS.value, probs, strict=True):
+    if _LABELS.value or not _PHRASE.value:  # without --labels: the dataset's findings
+        labels = _LABELS.value or model.dataset_findings()
+        probs = model.zero_shot(image, labels, prompts=_PROMPTS.value, negatives=_NEGATIVES.value)
+        for label, p in zip(labels, probs[0], strict=True):
             print(f"{label:<30}{p:.4f}")
     if _PHRASE.value:
         heat = model.ground(image, _PHRASE.value)

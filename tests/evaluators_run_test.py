@@ -161,6 +161,8 @@ def trained(synth_data_dir, tmp_path_factory) -> dict:
     from region_medclip import train
 
     c = micro_config.get_config(f"data_dir={synth_data_dir},steps=2,evals")
+    # Not the kind's defaults: the API must score with what the run's evaluator names.
+    c.evals.zero_shot.update(prompts="sentences", negatives="normal")
     workdir = tmp_path_factory.mktemp("evaluators") / "run"
     result = train.train_and_evaluate(c, str(workdir))
     saved = json.loads((workdir / "eval" / "2.json").read_text())
@@ -222,14 +224,29 @@ def test_load_api(trained, caplog):
     assert t.shape == (2, 32) and np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
     ids = model.tokenizer(["no finding"], 32)
     np.testing.assert_allclose(model.encode_text(ids), t[:1], atol=1e-6)  # batch of 1 vs 2
-    probs = model.zero_shot(np.stack([record["image"]] * 2), ["nodule", "pleural effusion"])
+    assert model.zero_shot_settings() == dict(
+        dataset="synth_cxr", prompts="sentences", negatives="normal"
+    )
+    probs = model.zero_shot(np.stack([record["image"]] * 2), ["Nodule", "pleural effusion"])
     assert probs.shape == (2, 2) and ((probs > 0) & (probs < 1)).all()
-    # Against the normal-study prompts: the same positive prompts, one shared reference.
-    normal = model.zero_shot(record["image"], ["nodule", "pleural effusion"], negatives="normal")
-    assert normal.shape == (1, 2) and ((normal > 0) & (normal < 1)).all()
-    assert not np.allclose(normal, probs[:1])
+    # Against each finding's own negations: the same positive prompts, another reference.
+    own = model.zero_shot(record["image"], ["nodule", "pleural effusion"], negatives="prompts")
+    assert own.shape == (1, 2) and ((own > 0) & (own < 1)).all()
+    assert not np.allclose(own, probs[:1])
+    templates = model.zero_shot(record["image"], ["nodule"], prompts="templates")
+    assert not np.allclose(templates, probs[:1, :1])
+    every = model.zero_shot(record["image"])  # the dataset's findings, in its order
+    assert every.shape == (1, 7)
+    np.testing.assert_allclose(every[:, [0, 2]], probs[:1], rtol=1e-5)
+    caplog.clear()
+    model.zero_shot(record["image"], ["nodule", "hernia"])
+    assert any("['hernia'] not among synth_cxr's findings" in m for m in caplog.messages)
     with pytest.raises(ValueError, match="negatives"):
         model.zero_shot(record["image"], ["nodule"], negatives="none")
+    with pytest.raises(ValueError, match="has no negation"):
+        model.zero_shot(record["image"], ["no finding"])
+    with pytest.raises(ValueError, match="image 1: images must be uint8 or 16-bit"):
+        model.preprocess([record["image"], record["image"].astype(np.float32)])
     caplog.clear()
     heat = model.ground(record["image"], "nodule in the right upper zone")
     assert heat.shape == (32, 32) and np.isfinite(heat).all()
@@ -237,6 +254,28 @@ def test_load_api(trained, caplog):
     long_phrase = " ".join(["small nodule in the right upper zone"] * 8)
     assert np.isfinite(model.ground(record["image"], long_phrase)).all()
     assert any("1 of 1 phrases are longer than data.caption_len" in m for m in caplog.messages)
+
+
+def test_api_zero_shot_equals_the_evaluator(trained):
+    """``load(W).zero_shot`` on the test films, uint8 as stored, reads the evaluator's AUROC."""
+    import region_medclip
+    from region_medclip.data import registry as data_registry
+    from region_medclip.evaluators import common
+
+    model = region_medclip.load(str(trained["workdir"]))
+    source = data_registry.get("synth_cxr").data_source("test", model.config.data)
+    records = [source[i] for i in range(len(source))]
+    images = np.stack([r["image"] for r in records])
+    labels = np.stack([r["labels"] for r in records])
+    probs = model.zero_shot(images)
+    assert probs.shape == (len(records), 7)
+    auroc = common.macro_auroc(probs, labels[:, 1:])  # "no finding" is class 0
+    assert abs(auroc - trained["saved"]["zero_shot"]["macro_auroc"]) < 1e-6
+    # The same films as 16-bit PNG values and as RGB read the same.
+    wide = images.astype(np.uint16) * 257
+    np.testing.assert_allclose(model.zero_shot(wide), probs, atol=1e-6)
+    rgb = np.repeat(images[..., None], 3, axis=-1)
+    np.testing.assert_allclose(model.zero_shot(list(rgb)), probs, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -270,3 +309,33 @@ def test_predict_cli(trained, tmp_path):
     lines = [line.split() for line in proc.stdout.splitlines() if line.startswith(("nodule", "pl"))]
     assert len(lines) == 2 and all(0 < float(line[-1]) < 1 for line in lines)
     assert Image.open(out).size == (32, 32)
+    # A 16-bit PNG without --labels: every finding of the dataset, as the API scores the film.
+    wide = tmp_path / "wide.png"
+    Image.fromarray(record["image"].astype(np.uint16) * 257).save(wide)
+    proc = _run_module(
+        "region_medclip.predict", f"--workdir={trained['workdir']}", f"--image={wide}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = {line[:30].strip(): float(line[30:]) for line in proc.stdout.strip().splitlines()}
+    model = region_medclip.load(str(trained["workdir"]))
+    expected = dict(zip(model.dataset_findings(), model.zero_shot(record["image"])[0], strict=True))
+    assert list(printed) == list(expected)
+    np.testing.assert_allclose(list(printed.values()), list(expected.values()), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_robustness_cli(trained, tmp_path):
+    out = tmp_path / "robustness.json"
+    args = (f"--workdir={trained['workdir']}", "--num=16", "--size=64", f"--out={out}")
+    proc = _run_module("region_medclip.robustness", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert list(results) == ["square PNG", "5:6", "4:3", "JPEG q85", "16-bit PNG", "RGB"]
+    assert results["square PNG"]["delta"] == 0 and "| 16-bit PNG |" in proc.stdout
+    assert abs(results["16-bit PNG"]["delta"]) < 1e-6 and "auroc/nodule" in results["RGB"]
+
+
+def _run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )

@@ -27,6 +27,7 @@ LAYERS = {
     "region_medclip.main": 7,
     "region_medclip.evaluate": 7,
     "region_medclip.predict": 7,
+    "region_medclip.robustness": 7,
     "region_medclip.convert": 7,
     "region_medclip.summary": 7,
     "region_medclip.ablation": 7,

@@ -74,6 +74,9 @@ def _data() -> ml_collections.ConfigDict:
     s.batch_size = 256
     s.workers = 0
     s.augment = True
+    # Probability that a training film is squeezed to a random aspect in [3:4, 1] and padded
+    # back to a square, as every non-square film is presented (transforms.AspectPad).
+    s.aspect_pad = 0.0
     # Probability that a training report is cut to a random subset of its sentences.
     s.report_sentences = 0.0
     return s

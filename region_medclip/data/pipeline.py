@@ -106,6 +106,8 @@ def make_dataset(
         ds = ds.shuffle().repeat(None)
     ds = ds.map(transforms.Decode(strict=data_config.get("strict", False)))
     ds = ds.map(transforms.ResizePad(data_config.image_size))
+    if train and data_config.get("aspect_pad", 0.0) > 0:
+        ds = ds.random_map(transforms.AspectPad(p=data_config.aspect_pad))
     if train and data_config.augment:
         ds = ds.random_map(transforms.Augment())
     if train and data_config.get("report_sentences", 0.0) > 0:

@@ -28,6 +28,41 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 _log = logging.getLogger("region_medclip.data")
 
 
+# What PIL's convert("L") computes from RGB (ITU-R 601-2 luma).
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def gray_uint8(image) -> np.ndarray:
+    """A decoded film — a PIL image, or an array ``[H, W]`` / ``[H, W, 3|4]`` of uint8 or 16-bit
+    integers — → ``[H, W]`` uint8 gray.
+
+    16-bit values are scaled from the full 0..65535 range (÷257). PIL's ``convert("L")`` clips
+    them at 255 instead, which turns every 16-bit PNG film white; data stored in 12 bits should
+    be windowed to 8 or 16 bits before it is written.
+
+    Raises:
+      ValueError: another dtype, or integers outside 0..65535.
+    """
+    if isinstance(image, Image.Image):
+        if image.mode not in _WIDE_MODES:
+            return np.asarray(image.convert("L"))
+        image = np.asarray(image)
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.dtype == np.uint8:
+        return np.asarray(Image.fromarray(image).convert("L")) if image.ndim == 3 else image
+    if image.dtype.kind not in "ui":
+        raise ValueError(f"images must be uint8 or 16-bit integers, got {image.dtype}")
+    if image.size and (image.min() < 0 or image.max() > 65535):
+        raise ValueError(f"{image.dtype} image values outside 0..65535")
+    gray = image.astype(np.float32)
+    if gray.ndim == 3:
+        gray = gray[..., :3] @ _LUMA
+    return np.clip(np.round(gray / 257.0), 0, 255).astype(np.uint8)
+
+
 def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -60,10 +95,8 @@ class Decode(grain.transforms.Map):
                 if not data:
                     raise ValueError("zero-byte image")
                 with Image.open(io.BytesIO(data)) as pil:
-                    image = np.asarray(pil.convert("L"))
-            image = np.asarray(image)
-            if image.ndim == 3:
-                image = np.asarray(Image.fromarray(image.astype(np.uint8)).convert("L"))
+                    image = gray_uint8(pil)
+            image = gray_uint8(image)
             if image.ndim != 2 or min(image.shape) < 2:
                 raise ValueError(f"image of shape {image.shape}")
         except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on bad files
@@ -102,6 +135,42 @@ class ResizePad(grain.transforms.Map):
         canvas[top : top + new_h, left : left + new_w] = resized
         boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
         boxes = boxes * np.array([new_w / width, new_h / height] * 2) + [left, top, left, top]
+        return {**example, "image": canvas, "boxes": boxes.astype(np.float32)}
+
+
+@dataclasses.dataclass
+class AspectPad(grain.transforms.RandomMap):
+    """Presents a square film as a non-square one arrives: with probability ``p`` one side
+    (width or height, at random) is squeezed to a random fraction in ``[min_aspect, 1]`` of
+    the other and the frame is padded back to a centred black square, which is what
+    :class:`ResizePad` makes of a 5:6 or 3:4 film. Boxes move with the image.
+
+    Every real chest film is non-square; a model that has seen only square ones reads the
+    black bands as findings.
+    """
+
+    p: float = 0.5
+    min_aspect: float = 0.75
+
+    def __post_init__(self):
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"config.data.aspect_pad: {self.p} is not a probability")
+        if not 0.0 < self.min_aspect <= 1.0:
+            raise ValueError(f"AspectPad.min_aspect: {self.min_aspect} is not in (0, 1]")
+
+    def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+        if "_skip" in example or rng.uniform() >= self.p:
+            return example
+        image = example["image"]
+        size = image.shape[0]
+        short = max(1, round(size * rng.uniform(self.min_aspect, 1.0)))
+        new_w, new_h = (short, size) if rng.uniform() < 0.5 else (size, short)
+        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        canvas = np.zeros_like(image)
+        canvas[top : top + new_h, left : left + new_w] = resized
+        boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
+        boxes = boxes * np.array([new_w / size, new_h / size] * 2) + [left, top, left, top]
         return {**example, "image": canvas, "boxes": boxes.astype(np.float32)}
 
 

@@ -1,0 +1,94 @@
+"""Decoding films of every bit depth to gray, and the aspect-and-pad augmentation."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from region_medclip.data import pipeline, synth, transforms
+
+
+def _film(size: int = 64) -> np.ndarray:
+    return synth.render_record(3, size=size)["image"]
+
+
+def test_gray_uint8_reads_every_bit_depth_alike():
+    film = _film()
+    wide = film.astype(np.uint16) * 257  # the same film at 16 bits
+    np.testing.assert_array_equal(transforms.gray_uint8(wide), film)
+    png = io.BytesIO()
+    Image.fromarray(wide).save(png, format="PNG")
+    with Image.open(io.BytesIO(png.getvalue())) as pil:
+        assert pil.mode.startswith("I")  # PIL's convert("L") would clip it at 255
+        np.testing.assert_array_equal(transforms.gray_uint8(pil), film)
+    rgb = np.repeat(film[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(transforms.gray_uint8(rgb), film)
+    np.testing.assert_array_equal(transforms.gray_uint8(Image.fromarray(rgb)), film)
+    np.testing.assert_array_equal(transforms.gray_uint8(film[..., None]), film)
+    # 16-bit colour: PIL's luma weights.
+    colour = np.zeros((2, 2, 3), np.uint16)
+    colour[..., 0] = 65535
+    assert (transforms.gray_uint8(colour) == round(0.299 * 255)).all()
+    with pytest.raises(ValueError, match="uint8 or 16-bit integers, got float32"):
+        transforms.gray_uint8(film.astype(np.float32))
+    with pytest.raises(ValueError, match="outside 0..65535"):
+        transforms.gray_uint8(np.full((2, 2), 70000, np.int32))
+
+
+def test_decode_keeps_16_bit_png_contrast():
+    film = _film()
+    png = io.BytesIO()
+    Image.fromarray(film.astype(np.uint16) * 257).save(png, format="PNG")
+    example = {"id": "a", "image": png.getvalue(), "report": "No finding."}
+    np.testing.assert_array_equal(transforms.Decode().map(example)["image"], film)
+
+
+def test_aspect_pad_squeezes_one_side_and_moves_the_boxes():
+    film = _film(64)
+    boxes = np.array([[0, 0, 64, 64], [16, 8, 32, 40]], np.float32)
+    example = {"image": film, "boxes": boxes}
+    rng = np.random.default_rng(0)
+    squeeze = transforms.AspectPad(p=1.0, min_aspect=0.75)
+    seen = set()
+    for _ in range(20):
+        out = squeeze.random_map(example, rng)
+        image, moved = out["image"], out["boxes"]
+        assert image.shape == film.shape and image.dtype == np.uint8
+        # The whole-frame box is now the film's content: everything outside it is black.
+        x0, y0, x1, y1 = moved[0]
+        assert (x0 > 0 or y0 > 0) and (x1 - x0) * (y1 - y0) >= 0.75 * 64 * 64 - 64
+        squeezed = "width" if x0 > 0 else "height"
+        seen.add(squeezed)
+        band = image[:, : int(x0)] if squeezed == "width" else image[: int(y0)]
+        assert band.size and (band == 0).all()
+        # The inner box keeps its place relative to the frame box.
+        rel = (moved[1] - [x0, y0, x0, y0]) / np.array([x1 - x0, y1 - y0] * 2)
+        np.testing.assert_allclose(rel, boxes[1] / 64, atol=1e-5)
+    assert seen == {"width", "height"}
+    untouched = transforms.AspectPad(p=0.0).random_map(example, rng)
+    assert untouched is example
+    with pytest.raises(ValueError, match="config.data.aspect_pad"):
+        transforms.AspectPad(p=1.5)
+
+
+def test_aspect_pad_config_pads_training_films_only(synth_data_dir):
+    from configs import tiny_roi
+
+    c = tiny_roi.get_config("res=32")
+    c.data.update(data_dir=synth_data_dir, synth=dict(num=160, seed=0), aspect_pad=1.0)
+    train = next(
+        iter(pipeline.make_dataset(c.data, split="train", train=True, seed=0, batch_size=8))
+    )
+    evaluation = next(
+        iter(pipeline.make_dataset(c.data, split="test", train=False, seed=0, batch_size=8))
+    )
+    black = float(np.min((0.0 - transforms.MEAN) / transforms.STD))
+
+    def padded(images):  # a black first or last row / column in every film
+        edges = [images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]]
+        return np.any([np.all(np.isclose(e[..., 0], black), axis=-1) for e in edges], axis=0)
+
+    # A squeeze to more than 31/32 of the side rounds to none: most films, not all, show bands.
+    assert padded(train["images"]).mean() >= 0.75
+    assert not padded(evaluation["images"]).any()
