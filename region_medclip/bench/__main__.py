@@ -19,8 +19,9 @@ import region_medclip.bench  # noqa: E402
 from region_medclip.bench import common  # noqa: E402
 
 # Each names the module of region_medclip.bench whose `run(args) -> (results, report)` it calls,
-# imported only when chosen: `compare` needs torch, `train` and `profile` the trainer.
-SUBCOMMANDS = ("compare", "data", "losses", "profile", "train")
+# imported only when chosen: `compare` and `openclip` need torch, `train` and `profile` the
+# trainer.
+SUBCOMMANDS = ("compare", "data", "losses", "openclip", "profile", "train")
 
 
 def _comma_list(cast=str):
@@ -62,6 +63,11 @@ def _add_step_flags(parser):
         "--compare_cases", type=_comma_list(), default=None, help=f"subset of: {cases}"
     )
     group.add_argument("--compare_batch", type=int, default=0, help="0: the config's")
+    group = parser.add_argument_group("openclip")
+    group.add_argument(
+        "--openclip_seconds", type=float, default=540.0, help="wall-clock training budget"
+    )
+    group.add_argument("--openclip_seed", type=int, default=0, help="init and data order")
     group = parser.add_argument_group("profile")
     group.add_argument("--profile_config", default="tiny_roi", help=" or ".join(common.CASES))
     group.add_argument("--profile_batch", type=int, default=0, help="0: the config's")

@@ -37,12 +37,14 @@ def global_only(config):
     return config
 
 
-def open_clip_model(config):
-    """An open_clip ``CLIP`` with the towers of our ``config`` (CLIP text tower, cls-pooled ViT;
-    built from a config dict, nothing downloaded)."""
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+def open_clip_cfg(config) -> dict:
+    """open_clip's model config (``{"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"}``, as
+    its model-config JSON files hold it) of the towers of our ``config``: CLIP text tower,
+    cls-pooled ViT with a linear patch embedding.
 
+    Raises:
+      ValueError: the config's text tower is not CLIP's, or its patch stem not linear.
+    """
     from region_medclip.models import text as text_lib
     from region_medclip.models import vit
 
@@ -54,8 +56,7 @@ def open_clip_model(config):
         raise ValueError("bench compare needs config.model.image.stem='patch' (open_clip's)")
     width, depth, mlp_dim, heads = text_lib.CLIP_TEXT_VARIANTS[text["variant"]]
     text = {**dict(width=width, depth=depth, mlp_dim=mlp_dim, heads=heads), **text}
-    quick = image.get("act", "gelu") == "quick_gelu"
-    vision_cfg = CLIPVisionCfg(
+    vision_cfg = dict(
         layers=image["depth"],
         width=image["width"],
         head_width=image["width"] // image["heads"],
@@ -63,7 +64,7 @@ def open_clip_model(config):
         patch_size=image["patch"],
         image_size=config.data.image_size,
     )
-    text_cfg = CLIPTextCfg(
+    text_cfg = dict(
         context_length=config.data.text_len,
         vocab_size=text["vocab_size"],
         width=text["width"],
@@ -71,11 +72,24 @@ def open_clip_model(config):
         layers=text["depth"],
         mlp_ratio=text["mlp_dim"] / text["width"],
     )
+    quick = image.get("act", "gelu") == "quick_gelu"
+    return dict(
+        embed_dim=config.model.embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick
+    )
+
+
+def open_clip_model(config):
+    """An open_clip ``CLIP`` with the towers of our ``config`` (:func:`open_clip_cfg`; built from
+    a config dict, nothing downloaded)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    cfg = open_clip_cfg(config)
     return open_clip.model.CLIP(
-        embed_dim=config.model.embed_dim,
-        vision_cfg=vision_cfg,
-        text_cfg=text_cfg,
-        quick_gelu=quick,
+        embed_dim=cfg["embed_dim"],
+        vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
+        text_cfg=CLIPTextCfg(**cfg["text_cfg"]),
+        quick_gelu=cfg["quick_gelu"],
     )
 
 
