@@ -208,6 +208,16 @@ def test_the_evaluate_cli_reproduces_the_numbers(trained):
     again = json.loads((workdir / "eval" / "2.json").read_text())
     assert again["retrieval"] == saved["retrieval"]
     assert again["regions"] == saved["regions"]
+    # Every evaluator on the validation split, beside the test split's results.
+    config_arg = f"--config={os.path.join(ROOT, 'tests', 'micro_config.py')}:{evals_arg}"
+    proc = _run_module(
+        "region_medclip.evaluate", config_arg, f"--workdir={workdir}", "--split=validation"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    validation = json.loads((workdir / "eval" / "2.validation.json").read_text())
+    assert set(KINDS) <= set(validation) and validation["retrieval"]["examples"] == 11
+    assert json.loads((workdir / "eval" / "2.json").read_text()) == again
+    assert (workdir / "plots" / "2.validation" / "zero_shot.png").is_file()
 
 
 def test_load_api(trained, caplog):

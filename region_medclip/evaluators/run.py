@@ -80,15 +80,16 @@ def evaluate(
     return results
 
 
-def write(workdir: str, step: int, results: dict[str, dict], tb=None) -> str:
-    """Writes ``workdir/eval/<step>.json`` (and TensorBoard scalars); returns the table text."""
+def write(workdir: str, step: int, results: dict[str, dict], tb=None, suffix: str = "") -> str:
+    """Writes ``workdir/eval/<step><suffix>.json`` (and TensorBoard scalars); returns the table
+    text."""
     path = epath.Path(workdir) / "eval"
     path.mkdir(parents=True, exist_ok=True)
     clean = {
         name: {k: (v if np.isfinite(v) else None) for k, v in out.items()}
         for name, out in results.items()
     }
-    (path / f"{step}.json").write_text(json.dumps({"step": step, **clean}, indent=2))
+    (path / f"{step}{suffix}.json").write_text(json.dumps({"step": step, **clean}, indent=2))
     if tb is not None:
         for name, out in clean.items():
             for key, value in out.items():
