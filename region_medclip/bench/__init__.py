@@ -1,5 +1,5 @@
-"""Benchmarks, not tests: ``python -m region_medclip.bench losses|data|train|compare|profile
-[--out=JSON]``.
+"""Benchmarks, not tests: ``python -m region_medclip.bench
+losses|data|train|compare|openclip|profile [--out=JSON]``.
 
 - ``losses`` (:mod:`.losses`): forward + backward time and XLA's peak memory per device of the
   global losses on 8 simulated CPU devices, as the global batch and the number of devices grow.
@@ -7,6 +7,9 @@
 - ``train`` (:mod:`.train`): the train step's examples/s and MFU.
 - ``compare`` (:mod:`.compare`): the same CLIP train step in open_clip and here, examples/s of
   each, their ratio and our MFU.
+- ``openclip`` (:mod:`.openclip`): open_clip's CLIP trained here on the embedded films for a
+  wall-clock budget, imported into our towers and scored by our zero-shot and retrieval
+  evaluators.
 - ``profile`` (:mod:`.profile`): where one config's train step spends its time, kernel by kernel,
   from a ``jax.profiler`` trace.
 

@@ -1,4 +1,4 @@
-"""``python -m region_medclip.bench losses|data|train|compare|profile [--out=JSON] [flags]``:
+"""``python -m region_medclip.bench losses|data|train|compare|openclip|profile [--out=JSON]``:
 parses the flags, runs one benchmark and prints its markdown report (see the package's
 docstring, or ``--help``)."""
 

@@ -74,7 +74,7 @@ def _data() -> ml_collections.ConfigDict:
     s.batch_size = 256
     s.workers = 0
     s.augment = True
-    # Probability that a training film is squeezed to a random aspect in [3:4, 1] and padded
+    # Probability that a training film is squeezed to a random aspect in [3:5, 1] and padded
     # back to a square, as every non-square film is presented (transforms.AspectPad).
     s.aspect_pad = 0.0
     # Probability that a training report is cut to a random subset of its sentences.

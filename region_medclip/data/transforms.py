@@ -150,7 +150,7 @@ class AspectPad(grain.transforms.RandomMap):
     """
 
     p: float = 0.5
-    min_aspect: float = 0.75
+    min_aspect: float = 0.6
 
     def __post_init__(self):
         if not 0.0 <= self.p <= 1.0:

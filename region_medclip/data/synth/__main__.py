@@ -10,7 +10,7 @@ from region_medclip.data.synth.records import contact_sheet, render_record
 
 flags.DEFINE_string("out", None, "TFDS data_dir to build synth_cxr into.")
 flags.DEFINE_integer("num", builder.DEFAULT_NUM, "Number of films (all splits).")
-flags.DEFINE_integer("size", 128, "Image size in pixels.")
+flags.DEFINE_integer("size", 96, "Image size in pixels (the default config's).")
 flags.DEFINE_integer("seed", 0, "Generator seed.")
 flags.DEFINE_string("sheet", None, "Write a PNG contact sheet of 16 films here.")
 FLAGS = flags.FLAGS
