@@ -2,9 +2,13 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# LLVM's optimisation level 0 for the compiled programs: the tests run tiny shapes, where compile
+# time is most of a test's time and LLVM's passes are most of that (a train step compiles in
+# about 60% of the time); HLO passes, sharding and float semantics are those of a real run.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Training tests compile the same small steps again and again, also in the subprocesses they
 # start (which inherit this environment): a persistent compilation cache shares the work. It is
@@ -45,6 +49,48 @@ def require_peer(module_name: str):
                 f"parity peer {module_name!r} is missing in CI: install the [parity] extra"
             ) from err
         pytest.skip(f"{module_name} not installed (install the [parity] extra)")
+
+
+# Under pytest-xdist (README's command runs the suite on every core) each test goes to whichever
+# worker is free, so that the cores finish together, except the tests of these modules: they
+# share an expensive module-scoped fixture (a trained workdir) that one worker builds once.
+SHARED_FIXTURE_MODULES = ("tests/evaluators_run_test.py",)
+# Modules whose tests compile whole train steps (10-35 s each) are handed out first: a long test
+# that starts last keeps one core busy while the other idles.
+HEAVY_FIRST = (
+    "tests/sharding_test.py",
+    "tests/train_step_test.py",
+    "tests/evaluators_run_test.py",
+    "tests/checkpointing_test.py",
+    "tests/train_loop_test.py",
+)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist load`` with :data:`SHARED_FIXTURE_MODULES` kept together (xdist's own
+    ``loadgroup`` marks no longer group under pytest 9: it renames node ids that pytest 9 no
+    longer reads)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_FIXTURE_MODULES else nodeid
+
+    return SharedFixtureScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Puts the :data:`HEAVY_FIRST` modules' tests first (a stable sort: the order within a
+    module is kept)."""
+
+    def rank(item) -> int:
+        module = item.nodeid.split("::", 1)[0]
+        return HEAVY_FIRST.index(module) if module in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    items.sort(key=rank)
 
 
 def pytest_unconfigure(config):
