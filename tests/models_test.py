@@ -268,3 +268,39 @@ def test_bert_text_tower_in_composite():
     variables = model.init(jax.random.key(0), images, tokens, boxes, mask)
     out = model.apply(variables, images, tokens, boxes, mask)
     np.testing.assert_allclose(np.linalg.norm(out["ztxt"], axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["xla", "cudnn"])
+@pytest.mark.parametrize("text_kind", ["clip", "bert"])
+def test_attention_implementation_reaches_every_attention(monkeypatch, attention, text_kind):
+    """``model.attention`` goes to every ``dot_product_attention`` call of every tower (the ViT's
+    blocks and MAP head, the text blocks, the region head's attention pooling)."""
+    seen = []
+    original = jax.nn.dot_product_attention
+
+    def record(*args, implementation=None, **kwargs):
+        seen.append(implementation)
+        return original(*args, **kwargs)  # XLA's: the CPU has no cuDNN
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+    text_tower = dict(TINY_TEXT, kind=text_kind) | ({"pool": "mean"} if text_kind == "bert" else {})
+    model = _tiny_model(
+        image=dict(TINY_IMAGE, pool="map"),
+        text=text_tower,
+        region=dict(TINY_REGION, pool="attn", heads=2),
+        attention=attention,
+    )
+    jax.eval_shape(model.init, jax.random.key(0), *_inputs())
+    image_blocks, text_blocks = vit.decode_variant("mu/16")["depth"], 2
+    assert len(seen) >= image_blocks + 1 + text_blocks + 1
+    assert set(seen) == {attention}
+
+
+def test_attention_implementation_is_checked_by_name():
+    from region_medclip import config as config_lib
+
+    c = config_lib.base_config()
+    assert c.model.attention == "xla"
+    c.model.attention = "flash"
+    with pytest.raises(config_lib.ConfigError, match=r"model.attention: 'flash'"):
+        config_lib.validate(c)

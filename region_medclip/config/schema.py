@@ -39,6 +39,8 @@ def _model() -> ml_collections.ConfigDict:
     s.dtype = "float32"
     s.param_dtype = "float32"
     s.remat = False
+    # xla | cudnn: cuDNN's fused attention (NVIDIA GPUs, bfloat16 or float16 compute).
+    s.attention = "xla"
     s.init_from = ""  # a `convert` output dir or a checkpoint of this project
     return s
 

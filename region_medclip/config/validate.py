@@ -18,6 +18,7 @@ from region_medclip.config.schema import base_config
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention": ("xla", "cudnn"),
     "model.text.kind": ("clip", "bert"),
     "model.image.pool": ("cls", "gap", "map"),
     "model.region.pool": ("mean", "attn"),

@@ -40,6 +40,8 @@ class RegionCLIP(nn.Module):
       logit_bias_init: initial sigmoid bias ``b``.
       dtype, param_dtype: compute and parameter dtypes (names or dtypes).
       remat: rematerialise transformer blocks in the backward pass.
+      attention: ``xla``, or ``cudnn`` for cuDNN's fused attention in every tower (an NVIDIA
+        GPU with bfloat16 or float16 compute).
     """
 
     image: Mapping[str, Any]
@@ -51,12 +53,14 @@ class RegionCLIP(nn.Module):
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
+    attention: str = "xla"
 
     def setup(self):
         kw = dict(
             embed_dim=self.embed_dim,
             dtype=jnp.dtype(self.dtype),
             param_dtype=jnp.dtype(self.param_dtype),
+            attention=self.attention,
         )
         image = dict(self.image)
         self.image_tower = vit_lib.vit_from_variant(
@@ -152,6 +156,7 @@ def from_config(model_config: Mapping[str, Any]) -> RegionCLIP:
         "dtype",
         "param_dtype",
         "remat",
+        "attention",
     }
     check_towers(model_config)
     kwargs = {k: v for k, v in dict(model_config).items() if k in fields}
@@ -161,7 +166,7 @@ def from_config(model_config: Mapping[str, Any]) -> RegionCLIP:
 
 
 # Fields the composite supplies to every tower from the model section itself.
-_OWNED_FIELDS = {"embed_dim", "dtype", "param_dtype", "remat", "parent", "name"}
+_OWNED_FIELDS = {"embed_dim", "dtype", "param_dtype", "remat", "attention", "parent", "name"}
 
 
 def _tower_module(name: str, tower: Mapping[str, Any]) -> tuple[type, set[str]]:

@@ -60,11 +60,14 @@ class Attention(nn.Module):
 
     Attributes:
       heads: number of heads; the width must divide by it.
+      implementation: ``xla``, or ``cudnn`` for cuDNN's fused (flash) attention on an NVIDIA
+        GPU, which takes bfloat16 or float16 compute and head sizes that are multiples of 8.
     """
 
     heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(
@@ -96,9 +99,11 @@ class Attention(nn.Module):
             )(x)
 
         q, k, v = dense("query", queries), dense("key", inputs), dense("value", inputs)
-        # The XLA implementation is chosen explicitly only where it matters (cuDNN on GPU picks
-        # itself); masks and causality go through the fused op's own arguments.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        # JAX picks XLA's implementation unless told otherwise, on every backend; masks and
+        # causality go through the op's own arguments, so that the fused kernel can take them.
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation
+        )
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),
@@ -162,6 +167,7 @@ class PreLNBlock(nn.Module):
     ln_eps: float = CLIP_LN_EPS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -171,7 +177,9 @@ class PreLNBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, ("batch", "length", "embed"))
         y = layer_norm("ln_1", eps=self.ln_eps, **kw)(x)
-        y = Attention(self.heads, name="attn", **kw)(y, y, mask=mask, is_causal=is_causal)
+        y = Attention(self.heads, implementation=self.attention, name="attn", **kw)(
+            y, y, mask=mask, is_causal=is_causal
+        )
         x = x + y
         y = layer_norm("ln_2", eps=self.ln_eps, **kw)(x)
         y = Mlp(self.mlp_dim, act=self.act, name="mlp", **kw)(y)
@@ -189,6 +197,7 @@ class PreLNEncoder(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -205,6 +214,7 @@ class PreLNEncoder(nn.Module):
                 ln_eps=self.ln_eps,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                attention=self.attention,
                 name=f"block{i}",
             )(x, mask, is_causal)
         return x

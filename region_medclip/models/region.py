@@ -38,6 +38,7 @@ class RegionHead(nn.Module):
     ln_eps: float = layers.CLIP_LN_EPS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -90,7 +91,9 @@ class RegionHead(nn.Module):
             )
             flat = bins.reshape(batch * num_rois, self.roi_size**2, width)
             query = jnp.broadcast_to(query.astype(flat.dtype), (flat.shape[0], 1, width))
-            pooled = layers.Attention(self.heads, name="attn_pool", **kw)(query, flat)
+            pooled = layers.Attention(
+                self.heads, implementation=self.attention, name="attn_pool", **kw
+            )(query, flat)
             pooled = pooled.reshape(batch, num_rois, width)
         pooled = layers.layer_norm("ln", eps=self.ln_eps, **kw)(pooled)
         if self.proj == "shared":

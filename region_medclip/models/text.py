@@ -51,6 +51,7 @@ class CLIPText(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -88,6 +89,7 @@ class CLIPText(nn.Module):
             act=self.act,
             ln_eps=self.ln_eps,
             remat=self.remat,
+            attention=self.attention,
             name="encoder",
             **kw,
         )(x, None, True)
@@ -106,13 +108,16 @@ class PostLNBlock(nn.Module):
     ln_eps: float = 1e-12
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         """``x [B, L, W]``, ``mask [B, 1, 1, L]`` bool (True = real token) → ``[B, L, W]``."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = layers.constrain(x, ("batch", "length", "embed"))
-        y = layers.Attention(self.heads, name="attn", **kw)(x, x, mask=mask)
+        y = layers.Attention(self.heads, implementation=self.attention, name="attn", **kw)(
+            x, x, mask=mask
+        )
         x = layers.layer_norm("ln_attn", eps=self.ln_eps, **kw)(x + y)
         y = layers.Mlp(self.mlp_dim, act=self.act, name="mlp", **kw)(x)
         return layers.layer_norm("ln_mlp", eps=self.ln_eps, **kw)(x + y)
@@ -141,6 +146,7 @@ class BertText(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -179,6 +185,7 @@ class BertText(nn.Module):
                 mlp_dim=self.mlp_dim,
                 act=self.act,
                 ln_eps=self.ln_eps,
+                attention=self.attention,
                 name=f"block{i}",
                 **kw,
             )(x, mask)

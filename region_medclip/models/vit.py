@@ -43,6 +43,7 @@ class MAPHead(nn.Module):
     ln_eps: float = layers.CLIP_LN_EPS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -56,7 +57,9 @@ class MAPHead(nn.Module):
             self.param_dtype,
         )
         probe = jnp.broadcast_to(probe.astype(tokens.dtype), (tokens.shape[0], 1, width))
-        x = layers.Attention(self.heads, name="attn", **kw)(probe, tokens)
+        x = layers.Attention(self.heads, implementation=self.attention, name="attn", **kw)(
+            probe, tokens
+        )
         y = layers.layer_norm("ln", eps=self.ln_eps, **kw)(x)
         x = x + layers.Mlp(self.mlp_dim, act=self.act, name="mlp", **kw)(y)
         return x[:, 0]
@@ -143,6 +146,7 @@ class ViT(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -170,6 +174,7 @@ class ViT(nn.Module):
             act=self.act,
             ln_eps=self.ln_eps,
             remat=self.remat,
+            attention=self.attention,
             name="encoder",
             **kw,
         )(x)
@@ -245,6 +250,7 @@ def _pool(vit: ViT, x: jax.Array, num_prefix: int, kw) -> jax.Array:
         mlp_dim=vit.mlp_dim,
         act=vit.act,
         ln_eps=vit.ln_eps,
+        attention=vit.attention,
         name="map_head",
         **kw,
     )(x[:, num_prefix:])
