@@ -138,3 +138,32 @@ def test_ring_temporary_memory_is_flat_in_the_number_of_devices():
     assert max(ring.values()) - min(ring.values()) <= 0.1 * block_bytes, ring
     # While the gather implementation grows with D (and so would a ring that kept every block).
     assert gather[8] > 3 * gather[2] and gather[8] > 4 * ring[8], (gather, ring)
+
+
+def test_varying_axes_reads_this_jax_and_the_older_field(monkeypatch):
+    """Inside shard_map a sharded input varies over the mesh axis and a replicated one does not;
+    the accessor also reads JAX 0.6–0.9's ``vma`` field, and names the version when neither
+    field exists."""
+    from region_medclip.losses import collectives
+
+    mesh = lc.make_mesh()
+    seen = {}
+
+    def body(sharded, replicated):
+        seen["sharded"] = collectives._varying_axes(sharded)
+        seen["replicated"] = collectives._varying_axes(replicated)
+        return sharded
+
+    jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))(
+        jnp.ones((8, 2)), jnp.ones((2,))
+    )
+    assert seen == {"sharded": frozenset({"data"}), "replicated": frozenset()}
+
+    class OlderAval:  # jax 0.6-0.9: the axes in `vma`, no `mat`
+        vma = frozenset({"data"})
+
+    monkeypatch.setattr(jax, "typeof", lambda x: OlderAval())
+    assert collectives._varying_axes(jnp.ones(2)) == frozenset({"data"})
+    monkeypatch.setattr(jax, "typeof", lambda x: object())
+    with pytest.raises(RuntimeError, match=f"jax {jax.__version__}: cannot read"):
+        collectives._varying_axes(jnp.ones(2))

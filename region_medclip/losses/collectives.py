@@ -80,14 +80,25 @@ def top1_hits(logits, positive, valid=None):
     return (best_positive > best_negative).astype(jnp.float32)
 
 
-def _varying_axes(x):
+def _varying_axes(x) -> frozenset:
     """The mesh axes over which `x` is typed as per-device inside shard_map.
 
-    JAX has no public accessor for this yet: jax 0.10 keeps it in the `mat.varying` field of the
-    abstract value. It is read here and nowhere else, so a JAX upgrade that moves it touches one
-    line.
+    JAX has no public accessor for this: jax 0.10 and 0.11 keep it in the `mat.varying` field of
+    the abstract value, jax 0.6–0.9 in its `vma` field. It is read here and nowhere else.
+
+    Raises:
+      RuntimeError: this JAX keeps it in neither place (the message names the version).
     """
-    return jax.typeof(x).mat.varying
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    if mat is not None and hasattr(mat, "varying"):
+        return frozenset(mat.varying)
+    if hasattr(aval, "vma"):
+        return frozenset(aval.vma)
+    raise RuntimeError(
+        f"jax {jax.__version__}: cannot read which mesh axes a value varies over "
+        f"(neither {type(aval).__name__}.mat.varying nor .vma exists)"
+    )
 
 
 def as_varying(x, axis_name):
