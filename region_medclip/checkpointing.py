@@ -10,7 +10,6 @@ import logging
 import os
 from typing import Any
 
-import grain.checkpoint
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -47,17 +46,26 @@ def _path(path: str) -> epath.Path:
     return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
+def _grain_checkpoint():
+    """grain's Orbax handler for the iterator, imported where a checkpoint is opened: the model,
+    the losses and the train step import this module's readers without grain installed."""
+    import grain.checkpoint
+
+    return grain.checkpoint
+
+
 class Checkpointer:
     """Saves and restores (state, data iterator, config) under ``workdir/checkpoints``."""
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+        grain_checkpoint = _grain_checkpoint()
         self.directory = _path(workdir) / "checkpoints"
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data", "config"),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
+                "data": grain_checkpoint.CheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
             },
             options=ocp.CheckpointManagerOptions(
@@ -78,7 +86,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(iterator)),
+                data=_grain_checkpoint().CheckpointSave(_FrozenIteratorState(iterator)),
                 config=ocp.args.JsonSave(config_json),
             ),
             force=force,
@@ -93,7 +101,7 @@ class Checkpointer:
         count than the run that saved it; moves ``iterator`` to the saved position."""
         items = dict(state=ocp.args.StandardRestore(abstract_state))
         if iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(_FrozenIteratorState(iterator))
+            items["data"] = _grain_checkpoint().CheckpointRestore(_FrozenIteratorState(iterator))
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         _log.info("restored checkpoint %d from %s", step, self.directory)
         return restored["state"]

@@ -66,6 +66,7 @@ HEAVY_FIRST = (
 )
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown when it is not loaded
 def pytest_xdist_make_scheduler(config, log):
     """``--dist load`` with :data:`SHARED_FIXTURE_MODULES` kept together (xdist's own
     ``loadgroup`` marks no longer group under pytest 9: it renames node ids that pytest 9 no

@@ -15,7 +15,7 @@ import numpy as np
 from region_medclip import checkpointing, metrics_writer, train
 from region_medclip import config as config_lib
 from region_medclip import sharding as sharding_lib
-from region_medclip.data import pipeline
+from region_medclip.data import schema
 
 
 def get_config(arg: str | None = None):
@@ -56,7 +56,7 @@ def get_config(arg: str | None = None):
 
 def random_batch(c, seed=0) -> dict[str, np.ndarray]:
     """A random global batch with the shapes of config ``c`` (ROIs partly masked)."""
-    return pipeline.random_batch(c.data, c.data.batch_size, seed)
+    return schema.random_batch(c.data, c.data.batch_size, seed)
 
 
 def step_setup(c, devices=None):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from region_medclip import sharding as sharding_lib
 from region_medclip import train
 from region_medclip.bench import common
-from region_medclip.data import pipeline
+from region_medclip.data import schema
 
 
 def compiled_flops(compiled) -> float:
@@ -36,7 +36,7 @@ def compile_step(config, device: jax.Device):
     state = run_setup.init_state(0)
     step = run_setup.train_step(config, mesh)
     batch = jax.device_put(
-        pipeline.random_batch(config.data, config.data.batch_size),
+        schema.random_batch(config.data, config.data.batch_size),
         sharding_lib.batch_sharding(mesh),
     )
     return step.lower(state, batch, {}).compile(), state, batch

@@ -170,3 +170,26 @@ def patient_split(patient_id: str, fractions: tuple[float, float] = (0.8, 0.1)) 
     if u < fractions[0]:
         return "train"
     return "validation" if u < fractions[0] + fractions[1] else "test"
+
+
+def random_batch(data_config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A batch with the keys, shapes and dtypes the pipeline yields for ``config.data``, filled
+    with random values (benchmarks and compile checks; ~70% of ROIs valid)."""
+    d = data_config
+    b, r, k = batch_size, d.max_rois, d.num_negatives
+    lc = d.get("caption_len", 0) or d.text_len
+    rng = np.random.default_rng(seed)
+    roi_mask = rng.random((b, r)) < 0.7
+    x0, y0 = rng.uniform(0, 0.5, (b, r)), rng.uniform(0, 0.5, (b, r))
+    return dict(
+        images=rng.normal(size=(b, d.image_size, d.image_size, 3)).astype(np.float32),
+        texts=rng.integers(1, 500, (b, d.text_len)).astype(np.int32),
+        boxes=np.stack([x0, y0, x0 + 0.4, y0 + 0.4], -1).astype(np.float32),
+        roi_mask=roi_mask,
+        captions=rng.integers(1, 500, (b, r, lc)).astype(np.int32),
+        cap_ids=np.where(roi_mask, rng.integers(0, 6, (b, r)), -1).astype(np.int32),
+        negatives=rng.integers(1, 500, (b, r, k, lc)).astype(np.int32),
+        neg_mask=np.repeat(roi_mask[..., None], k, -1),
+        labels=(rng.random((b, 8)) < 0.3).astype(np.float32),
+        box_labels=np.zeros((b, r), np.int32),
+    )
