@@ -1,5 +1,5 @@
 """Benchmarks, not tests: ``python -m region_medclip.bench
-losses|data|train|compare|openclip|profile [--out=JSON]``.
+losses|data|train|compare|openclip|profile|gpu [--out=JSON]``.
 
 - ``losses`` (:mod:`.losses`): forward + backward time and XLA's peak memory per device of the
   global losses on 8 simulated CPU devices, as the global batch and the number of devices grow.
@@ -12,8 +12,11 @@ losses|data|train|compare|openclip|profile [--out=JSON]``.
   evaluators.
 - ``profile`` (:mod:`.profile`): where one config's train step spends its time, kernel by kernel,
   from a ``jax.profiler`` trace.
+- ``gpu`` (:mod:`.gpu`): one accelerator's figures in one process: its bfloat16 peak, the
+  ViT-B/16 step (region-aware and global-only, XLA and cuDNN attention) with MFU and memory,
+  open_clip's step at the same batch, and the global losses at a 32k batch.
 
 The benchmarks run the repository's ``configs/tiny_roi.py`` and ``configs/vitb16_roi.py``, read by
-path from ``--configs_dir`` (:mod:`.common`). This package imports nothing at import time:
-``__main__`` sets the XLA flags before JAX starts.
+path from ``--configs_dir`` (:mod:`.common`). All but ``gpu`` run on 8 simulated CPU devices. This
+package imports nothing at import time: ``__main__`` sets the XLA flags before JAX starts.
 """

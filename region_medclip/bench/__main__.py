@@ -1,11 +1,14 @@
-"""``python -m region_medclip.bench losses|data|train|compare|openclip|profile [--out=JSON]``:
+"""``python -m region_medclip.bench losses|data|train|compare|openclip|profile|gpu [--out=JSON]``:
 parses the flags, runs one benchmark and prints its markdown report (see the package's
 docstring, or ``--help``)."""
 
 import os
+import sys
 
-if __name__ == "__main__":
-    # Simulated devices must be requested before JAX starts its CPU backend.
+# `gpu` measures the accelerator JAX finds; every other benchmark runs on 8 simulated CPU devices,
+# which must be requested before JAX starts its CPU backend.
+_SUBCOMMAND = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+if __name__ == "__main__" and _SUBCOMMAND != "gpu":
     _flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in _flags:
         os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
@@ -21,7 +24,7 @@ from region_medclip.bench import common  # noqa: E402
 # Each names the module of region_medclip.bench whose `run(args) -> (results, report)` it calls,
 # imported only when chosen: `compare` and `openclip` need torch, `train` and `profile` the
 # trainer.
-SUBCOMMANDS = ("compare", "data", "losses", "openclip", "profile", "train")
+SUBCOMMANDS = ("compare", "data", "gpu", "losses", "openclip", "profile", "train")
 
 
 def _comma_list(cast=str):
@@ -77,6 +80,18 @@ def _add_step_flags(parser):
     )
 
 
+def _add_gpu_flags(parser):
+    """Flags of gpu (it also reads --train_steps and --repeats)."""
+    group = parser.add_argument_group("gpu")
+    group.add_argument("--gpu_batch", type=int, default=256, help="train-step batch to try first")
+    group.add_argument("--gpu_matmul_size", type=int, default=8192, help="of the peak's matmuls")
+    group.add_argument("--gpu_loss_batch", type=int, default=32768, help="global batch of losses")
+    group.add_argument("--gpu_loss_dim", type=int, default=512, help="embedding dim of losses")
+    group.add_argument(
+        "--gpu_budget_s", type=float, default=300.0, help="no section starts after this"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line: a subcommand and the flags of every benchmark."""
     result = argparse.ArgumentParser(
@@ -93,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _add_losses_flags(result)
     _add_step_flags(result)
+    _add_gpu_flags(result)
     return result
 
 
