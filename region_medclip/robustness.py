@@ -5,7 +5,8 @@ python -m region_medclip.robustness --workdir=DIR [--num=600] [--size=300] [--ou
 The first ``--num`` synth_cxr films of ``--split``, rendered at ``--size`` px, are scored by
 ``region_medclip.load(DIR).zero_shot`` as square PNGs, stretched to 5:6 and 4:3, as JPEG q85,
 as 16-bit PNGs and as RGB arrays (``evaluators/robustness.py``); prints the macro AUROC of each
-and its difference to the square PNGs.
+and its difference to the square PNGs, then what each finding is mistaken for: its AUROC on the
+square films without the negatives that hold each other finding in turn.
 """
 
 import json
@@ -35,6 +36,9 @@ def main(argv):
     findings = model.dataset_findings()
     results = robustness.evaluate(model.zero_shot, films, labels, findings)
     print(robustness.table(results))
+    # What each finding is mistaken for, on the square films.
+    results["confusions"] = robustness.confusions(model.zero_shot(films), labels, findings)
+    print(robustness.confusion_table(results["confusions"]))
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(results, f, indent=1)

@@ -53,3 +53,18 @@ def test_evaluate_scores_every_presentation_of_the_same_films():
     assert set(square) == {"macro_auroc", "delta", *(f"auroc/c{k}" for k in range(7))}
     text = robustness.table(results)
     assert text.count("\n") == len(results) + 1 and "| 4:3 |" in text
+
+
+def test_confusions_by_hand():
+    # Four films: a nodule, a mass, both, neither. The nodule score fires on the mass film.
+    labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    probs = np.array([[0.6, 0.1], [0.9, 0.8], [0.7, 0.9], [0.2, 0.3]])
+    rows = robustness.confusions(probs, labels, ["nodule", "mass"])
+    # Nodule: positives 0.6, 0.7 against negatives 0.9 (the mass film), 0.2: 2 of 4 pairs.
+    assert rows["nodule"]["all"] == 0.5
+    # Without the mass film among its negatives: 0.6, 0.7 against 0.2 alone.
+    assert rows["nodule"]["without mass"] == 1.0
+    # Mass: positives 0.8, 0.9 against 0.1, 0.3: perfect either way.
+    assert rows["mass"] == {"all": 1.0, "without nodule": 1.0}
+    table = robustness.confusion_table(rows)
+    assert "| nodule | 0.500 | – | 1.000 |" in table and table.count("\n") == 3

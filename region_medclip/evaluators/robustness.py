@@ -86,6 +86,48 @@ def evaluate(
     return results
 
 
+def confusions(
+    probs: np.ndarray, labels: np.ndarray, names: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """What each finding is mistaken for: its AUROC over every film, and without the negatives
+    that hold each other finding in turn.
+
+    A finding whose AUROC rises far when the films of one other finding leave its negatives is
+    scored high on those films: the model confuses the two (a nodule with a mass, say), rather
+    than failing to see the finding.
+
+    Args:
+      probs: ``[N, F]`` zero-shot probabilities.
+      labels: ``[N, F]`` multi-hot findings.
+      names: the ``F`` finding names.
+
+    Returns:
+      ``{finding: {"all": AUROC, "without <other>": AUROC, ...}}`` (NaN where a subset lacks
+      positives or negatives).
+    """
+    probs, labels = np.asarray(probs), np.asarray(labels) > 0
+    out = {}
+    for c, name in enumerate(names):
+        row = {"all": float(common.auroc(probs[:, c], labels[:, c]))}
+        for o, other in enumerate(names):
+            if o != c:
+                keep = labels[:, c] | ~labels[:, o]
+                row[f"without {other}"] = float(common.auroc(probs[keep, c], labels[keep, c]))
+        out[name] = row
+    return out
+
+
+def confusion_table(rows: dict[str, dict[str, float]]) -> str:
+    """Markdown of :func:`confusions`: one line a finding, one column an excluded finding."""
+    names = list(rows)
+    lines = ["| finding | all films | " + " | ".join(f"without {n}" for n in names) + " |"]
+    lines.append("|---|---|" + "---|" * len(names))
+    for name, row in rows.items():
+        cells = ["–" if o == name else f"{row[f'without {o}']:.3f}" for o in names]
+        lines.append(f"| {name} | {row['all']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def synth_films(
     num: int, *, size: int, split: str = "test", seed: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
