@@ -74,6 +74,19 @@ def case_softmax(rng, n):
     return losses.softmax_contrastive_loss, arrays, {}, ("zimg", "ztxt", "logit_scale")
 
 
+def case_softmax_hard_negatives(rng, n):
+    """NegCLIP: each image's own hard-negative reports, some masked (garbage behind the mask),
+    image 0 with none at all."""
+    arrays = dict(_contrastive_inputs(rng, n), logit_scale=np.float32(7.0))
+    num = arrays["zimg"].shape[0]
+    neg_mask = rng.random((num, NUM_NEGATIVES)) > 0.3
+    neg_mask[0] = False
+    arrays.update(
+        zneg=_with_garbage(unit(rng, num, NUM_NEGATIVES, DIM), neg_mask, rng), neg_mask=neg_mask
+    )
+    return losses.softmax_contrastive_loss, arrays, {}, ("zimg", "ztxt", "zneg", "logit_scale")
+
+
 def _case_sigmoid(rng, n, impl):
     arrays = dict(
         _contrastive_inputs(rng, n), logit_scale=np.float32(10.0), logit_bias=np.float32(-3.0)
@@ -144,6 +157,7 @@ def case_distillation(rng, n):
 
 CASES = {
     "softmax": case_softmax,
+    "softmax_hard_negatives": case_softmax_hard_negatives,
     "sigmoid_ring": functools.partial(_case_sigmoid, impl="ring"),
     "sigmoid_gather": functools.partial(_case_sigmoid, impl="gather"),
     "medclip": case_medclip,
@@ -156,7 +170,7 @@ CASES = {
 }
 # The cases each test module runs, by the module of region_medclip.losses they test.
 CASE_GROUPS = {
-    "contrastive": ("dhn_nce_mean", "dhn_nce_sum", "medclip", "softmax"),
+    "contrastive": ("dhn_nce_mean", "dhn_nce_sum", "medclip", "softmax", "softmax_hard_negatives"),
     "sigmoid": ("sigmoid_gather", "sigmoid_ring"),
     "region": ("distillation", "negative_caption", "roi", "roi_without_ids"),
 }

@@ -94,3 +94,21 @@ def test_medclip_all_negative_labels_get_a_no_finding_dimension():
         zimg=z, ztxt=z, img_labels=labels, txt_labels=labels, logit_scale=3.0
     )
     np.testing.assert_allclose(float(loss), np.log(2.0), rtol=1e-6)
+
+
+def test_report_hard_negatives_join_the_image_to_report_direction_only():
+    rng = np.random.default_rng(0)
+    _, arrays, _, _ = lc.case_softmax_hard_negatives(rng, 2)
+    plain = {k: v for k, v in arrays.items() if k not in ("zneg", "neg_mask")}
+    _, with_negs = losses.softmax_contrastive_loss(**arrays)
+    _, without = losses.softmax_contrastive_loss(**plain)
+    np.testing.assert_allclose(with_negs["loss_t2i"], without["loss_t2i"], rtol=1e-6)
+    assert with_negs["loss_i2t"] > without["loss_i2t"]
+    # A hard negative equal to the paired report ties it: never beaten, and log 2 more loss for
+    # an image whose other columns are negligible.
+    zimg = np.eye(4, dtype=np.float32)
+    _, tied = losses.softmax_contrastive_loss(
+        zimg=zimg, ztxt=zimg, logit_scale=np.float32(50.0), zneg=zimg[:, None]
+    )
+    assert float(tied["hard_negative_accuracy"]) == 0.0
+    np.testing.assert_allclose(tied["loss_i2t"], np.log(2), rtol=1e-4)

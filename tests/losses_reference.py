@@ -24,6 +24,20 @@ def np_softmax_loss(zimg, ztxt, logit_scale):
     return (loss_rows + loss_cols) / 2
 
 
+def np_softmax_hard_negative_loss(zimg, ztxt, zneg, neg_mask, logit_scale):
+    """The softmax loss with image i's valid hard negatives appended to its image→text row."""
+    zimg, ztxt, zneg = (x.astype(np.float64) for x in (zimg, ztxt, zneg))
+    logits = logit_scale * zimg @ ztxt.T
+    rows = []
+    for i in range(len(zimg)):
+        own = logit_scale * zneg[i][neg_mask[i]] @ zimg[i]
+        row = np.concatenate([logits[i], own])
+        rows.append(-_np_log_softmax(row[None])[0, i])
+    diag = np.arange(len(logits))
+    loss_cols = -np.mean(_np_log_softmax(logits.T)[diag, diag])
+    return (np.mean(rows) + loss_cols) / 2
+
+
 def np_sigmoid_loss(zimg, ztxt, logit_scale, logit_bias):
     n = len(zimg)
     logits = logit_scale * zimg.astype(np.float64) @ ztxt.T.astype(np.float64) + logit_bias
@@ -113,6 +127,9 @@ def np_distillation_loss(student_logits, teacher_logits, roi_mask):
 # "sigmoid_gather" has no entry: dense, the two sigmoid impls are the same loss.
 REFERENCES = {
     "softmax": lambda a, s: np_softmax_loss(a["zimg"], a["ztxt"], a["logit_scale"]),
+    "softmax_hard_negatives": lambda a, s: np_softmax_hard_negative_loss(
+        a["zimg"], a["ztxt"], a["zneg"], a["neg_mask"], a["logit_scale"]
+    ),
     "sigmoid_ring": lambda a, s: np_sigmoid_loss(
         a["zimg"], a["ztxt"], a["logit_scale"], a["logit_bias"]
     ),

@@ -9,6 +9,7 @@ import pytest
 
 from region_medclip import sharding as sharding_lib
 from region_medclip import train
+from region_medclip.config import ConfigError, validate
 
 
 def test_grad_accum_averages_micro_batch_gradients():
@@ -99,3 +100,16 @@ def test_the_step_is_traced_once_across_steps():
     other = {k: jax.device_put(v, sharding) for k, v in micro_config.random_batch(c).items()}
     with pytest.raises(AssertionError, match="trace"):
         step(state, other, {})
+
+
+def test_report_negatives_join_the_softmax_step():
+    """With ``data.report_negatives`` the step encodes them and the global loss reports how often
+    the paired report beats them; the other global losses refuse them by name."""
+    c = micro_config.get_config()
+    c.data.report_negatives = 2
+    _, history = micro_config.run_steps(c, [micro_config.random_batch(c, 0)])
+    assert 0 <= history[0]["global/hard_negative_accuracy"] <= 1
+    assert np.isfinite(history[0]["loss"])
+    c.loss.global_kind = "sigmoid"
+    with pytest.raises(ConfigError, match="config.data.report_negatives=2"):
+        validate(c)

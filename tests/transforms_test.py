@@ -92,3 +92,44 @@ def test_aspect_pad_config_pads_training_films_only(synth_data_dir):
     # A squeeze to more than 31/32 of the side rounds to none: most films, not all, show bands.
     assert padded(train["images"]).mean() >= 0.75
     assert not padded(evaluation["images"]).any()
+
+
+def test_report_negatives_change_what_the_report_finds_only():
+    from region_medclip.data import negatives
+
+    report = (
+        "FINDINGS: There is a pulmonary nodule in the left middle zone. No pleural effusion. "
+        "IMPRESSION: Left middle nodule."
+    )
+    negs = negatives.report_negatives(report, 8)
+    assert negs == negatives.report_negatives(report, 8)  # deterministic
+    assert negatives.report_negatives(report, 2) == negs[:2]
+    assert len(negs) == 3 and report not in negs  # mass, right side, upper zone
+    assert any("pulmonary mass" in n and "Left middle mass." in n for n in negs)
+    assert any("in the right middle zone" in n and "Right middle nodule." in n for n in negs)
+    # What the report rules out stays ruled out, in every negative.
+    assert all("No pleural effusion." in n for n in negs)
+    # A report that finds nothing has none: its negations, changed, still describe its film.
+    normal = "FINDINGS: Lungs are clear. No focal consolidation. IMPRESSION: No acute process."
+    assert negatives.report_negatives(normal, 4) == []
+
+
+def test_report_negatives_in_training_batches_only(synth_data_dir):
+    from configs import tiny_roi
+
+    c = tiny_roi.get_config("res=32")
+    c.data.update(data_dir=synth_data_dir, synth=dict(num=160, seed=0), report_negatives=2)
+    train = next(
+        iter(pipeline.make_dataset(c.data, split="train", train=True, seed=0, batch_size=8))
+    )
+    assert train["report_negatives"].shape == (8, 2, c.data.text_len)
+    mask = train["report_neg_mask"]
+    assert mask.shape == (8, 2) and mask.any()
+    # A masked slot holds no tokens; a real one is a report that differs from the image's own.
+    assert not train["report_negatives"][~mask].any()
+    for i, k in zip(*np.nonzero(mask), strict=True):
+        assert not np.array_equal(train["report_negatives"][i, k], train["texts"][i])
+    evaluation = next(
+        iter(pipeline.make_dataset(c.data, split="test", train=False, seed=0, batch_size=8))
+    )
+    assert "report_negatives" not in evaluation

@@ -68,6 +68,9 @@ def _data() -> ml_collections.ConfigDict:
     s.text_len = 77  # report tokens
     s.caption_len = 0  # box-caption and hard-negative tokens; 0: text_len
     s.num_negatives = 4
+    # Hard-negative reports per image for the softmax global loss (NegCLIP): the report with a
+    # finding, side or zone changed, as extra negatives of its image→report row; 0: none.
+    s.report_negatives = 0
     s.tokenizer = "clip_bpe"  # clip_bpe | hf | synth_bpe (data/tokenizers.py)
     s.tokenizer_path = ""  # clip_bpe: merges file (default: open_clip's); hf: a directory
     s.data_dir = "~/tensorflow_datasets"  # where TFDS builders write and read

@@ -94,6 +94,12 @@ def validate(
         value = _get(config, path)
         if value is not None and value not in choices:
             raise ConfigError(f"config.{path}: {value!r} is not one of {list(choices)}")
+    negatives, kind = _get(config, "data.report_negatives"), _get(config, "loss.global_kind")
+    if negatives and negatives > 0 and kind not in (None, "softmax"):
+        raise ConfigError(
+            f"config.data.report_negatives={negatives}: hard-negative reports join the softmax "
+            f"global loss only; config.loss.global_kind is {kind!r}"
+        )
     for section in ("evals",):
         for name, cfg in (_get(config, section) or {}).items():
             if not _is_section(cfg) or "kind" not in cfg:

@@ -119,3 +119,43 @@ def hard_negatives(caption: str, k: int, *, seed: int = 0) -> list[str]:
     for group in _groups(caption):
         out += [group[i] for i in rng.permutation(len(group))]
     return out[:k]
+
+
+# A sentence that negates or says normal is left as it is in a hard-negative report: "No
+# pleural effusion." with another finding named is still true of the film.
+_NEGATED = re.compile(r"\b(?:no|not|without|clear|normal|unremarkable|resolved)\b", re.I)
+# Report pieces: sentences and the items of an impression, with the whitespace after each kept.
+_PIECES = re.compile(r"(?<=[.;:])(\s+)")
+
+
+def _perturb_findings(report: str, table: dict, choice: int = 0) -> str:
+    """``report`` with the words of ``table`` replaced in its positive pieces only."""
+    pieces = _PIECES.split(report)
+    for i, piece in enumerate(pieces):
+        if piece.strip() and not _NEGATED.search(piece):
+            pieces[i] = _replace_words(piece, table, choice)
+    return "".join(pieces)
+
+
+def report_negatives(report: str, k: int, *, seed: int = 0) -> list[str]:
+    """Up to ``k`` hard-negative reports of ``report`` for the image→report loss (NegCLIP).
+
+    Each changes what the report finds and nothing it rules out: the findings it reports swapped
+    for confusable ones (nodule ↔ mass, effusion ↔ consolidation ↔ atelectasis, ...), or their
+    side, or their zone, in an order shuffled by a stable hash of ``(report, seed)``. A report
+    that finds nothing has none (its negations, changed, would still describe its film).
+    """
+    rules = [
+        _perturb_findings(report, CONFUSABLE, 0),
+        _perturb_findings(report, CONFUSABLE, 1),
+        _perturb_findings(report, SIDE_SWAP),
+        _perturb_findings(report, ZONE_SWAP),
+    ]
+    seen, out = {_normal(report)}, []
+    for text in rules:
+        if _normal(text) not in seen:
+            seen.add(_normal(text))
+            out.append(text)
+    digest = hashlib.sha256(f"{seed}\x00report\x00{report}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return [out[i] for i in rng.permutation(len(out))][:k]

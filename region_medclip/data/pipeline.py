@@ -121,6 +121,8 @@ def make_dataset(
             num_negatives=data_config.num_negatives,
             seed=seed,
             caption_len=data_config.get("caption_len", 0),
+            # Hard-negative reports serve the training loss only.
+            report_negatives=data_config.get("report_negatives", 0) if train else 0,
         )
     )
     ds = _CountingBatch(ds.to_iter_dataset(), batch_size)

@@ -192,4 +192,15 @@ def random_batch(data_config, batch_size: int, seed: int = 0) -> dict[str, np.nd
         neg_mask=np.repeat(roi_mask[..., None], k, -1),
         labels=(rng.random((b, 8)) < 0.3).astype(np.float32),
         box_labels=np.zeros((b, r), np.int32),
+        **_random_report_negatives(rng, b, d.get("report_negatives", 0), d.text_len),
+    )
+
+
+def _random_report_negatives(rng, b: int, k: int, length: int) -> dict[str, np.ndarray]:
+    """``report_negatives [b, k, length]`` and ``report_neg_mask [b, k]`` when ``k > 0``."""
+    if k <= 0:
+        return {}
+    return dict(
+        report_negatives=rng.integers(1, 500, (b, k, length)).astype(np.int32),
+        report_neg_mask=rng.random((b, k)) < 0.8,
     )

@@ -293,8 +293,10 @@ class Finalize(grain.transforms.Map):
     Output keys (``L`` = ``text_len``, ``Lc`` = ``caption_len`` or ``L``): ``images [S, S, 3]``
     float32, ``texts [L]``, ``boxes [R, 4]`` normalised xyxy,
     ``roi_mask [R]``, ``captions [R, Lc]``, ``cap_ids [R]``, ``negatives [R, K, Lc]``,
-    ``neg_mask [R, K]``, ``labels [C]``, ``box_labels [R]``; and the counts
-    ``truncated_rois`` (boxes past ``max_rois``) and ``truncated_texts`` (texts cut to fit).
+    ``neg_mask [R, K]``, ``labels [C]``, ``box_labels [R]``; with ``report_negatives = Kr > 0``
+    also ``report_negatives [Kr, L]`` and ``report_neg_mask [Kr]`` (the report with a finding,
+    side or zone changed: ``negatives.report_negatives``); and the counts ``truncated_rois``
+    (boxes past ``max_rois``) and ``truncated_texts`` (texts cut to fit).
     """
 
     tokenizer: TextTokenizer
@@ -303,6 +305,7 @@ class Finalize(grain.transforms.Map):
     num_negatives: int
     seed: int = 0
     caption_len: int = 0  # 0: text_len
+    report_negatives: int = 0
 
     def map(self, example: dict) -> dict:
         if "_skip" in example:
@@ -332,7 +335,9 @@ class Finalize(grain.transforms.Map):
         negative_ids[neg_mask] = ids[count:]
         cap_ids = np.full((rois,), -1, np.int32)
         cap_ids[:count] = [caption_id(c) for c in captions]
+        extra, cut_negatives = self._report_negatives(example["report"])
         return dict(
+            **extra,
             images=((image[..., None] - MEAN) / STD).astype(np.float32),
             texts=report,
             boxes=boxes,
@@ -346,5 +351,18 @@ class Finalize(grain.transforms.Map):
             # Boxes beyond max_rois are not used; the batcher counts them so none go unnoticed.
             truncated_rois=np.int32(len(example["box_captions"]) - count),
             # Reports over text_len and captions or negatives over caption_len, cut to fit.
-            truncated_texts=np.int32(cut_reports + cut_captions),
+            truncated_texts=np.int32(cut_reports + cut_captions + cut_negatives),
         )
+
+    def _report_negatives(self, report: str) -> tuple[dict, int]:
+        """``({report_negatives [Kr, L], report_neg_mask [Kr]}, texts cut)``, or ``({}, 0)``
+        without them."""
+        if self.report_negatives <= 0:
+            return {}, 0
+        texts = negatives_lib.report_negatives(report, self.report_negatives, seed=self.seed)
+        ids = np.zeros((self.report_negatives, self.text_len), np.int32)
+        cut = 0
+        if texts:
+            ids[: len(texts)], cut = self.tokenizer.encode(texts, self.text_len)
+        mask = np.arange(self.report_negatives) < len(texts)
+        return dict(report_negatives=ids, report_neg_mask=mask), cut

@@ -22,20 +22,26 @@ from region_medclip.losses.collectives import (
 
 
 def softmax_contrastive_loss(
-    *, zimg, ztxt, logit_scale, axis_name=None
+    *, zimg, ztxt, logit_scale, axis_name=None, zneg=None, neg_mask=None
 ) -> tuple[jax.Array, Metrics]:
-    """Symmetric InfoNCE of CLIP: mean over the N pairs of ½ (CE image→text + CE text→image).
+    """Symmetric InfoNCE of CLIP: mean over the N pairs of ½ (CE image→text + CE text→image),
+    optionally with hard-negative reports in the image→text direction (NegCLIP).
 
     Args:
       zimg: [n, D] L2-normalised image embeddings (local shard when `axis_name` is set).
       ztxt: [n, D] L2-normalised text embeddings; row i is paired with image row i.
       logit_scale: [] multiplier t = exp(t') of the cosine similarities.
       axis_name: None for the dense loss, else the mesh axis the batch is sharded over.
+      zneg: optional [n, K, D] L2-normalised embeddings of image i's own hard-negative reports
+        (its report with a finding, side or zone changed); they join row i of the image→text
+        softmax only, so the text→image direction and the collectives are unchanged.
+      neg_mask: optional [n, K] bool, True for real hard negatives (default: all).
 
     Returns:
       loss: [] mean over the global batch.
-      metrics: loss_i2t, loss_t2i, i2t_accuracy, t2i_accuracy (top-1 among the global batch),
-        logit_scale, temperature (1 / t).
+      metrics: loss_i2t, loss_t2i, i2t_accuracy, t2i_accuracy (top-1 among the global batch and,
+        with `zneg`, the image's hard negatives), logit_scale, temperature (1 / t); with `zneg`
+        also hard_negative_accuracy (the report beats every hard negative of its image).
     """
     zimg, ztxt, logit_scale = f32(zimg, ztxt, logit_scale)
     n = zimg.shape[0]
@@ -48,22 +54,46 @@ def softmax_contrastive_loss(
     logits_t2i = logits_i2t.T if axis_name is None else logit_scale * ztxt @ all_img.T
     positive = diagonal_mask(n, num_global, row_offset(n, axis_name))
 
-    def cross_entropy(logits):
+    positive_t2i = positive
+    extra = {}
+    if zneg is not None:
+        logits_i2t, positive, extra = _with_hard_negatives(
+            logits_i2t, positive, zimg, zneg, neg_mask, logit_scale, axis_name, num_global
+        )
+
+    def cross_entropy(logits, positive):
         return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(positive, logits, 0), -1)
 
-    loss_i2t = global_sum(cross_entropy(logits_i2t), axis_name) / num_global
-    loss_t2i = global_sum(cross_entropy(logits_t2i), axis_name) / num_global
+    loss_i2t = global_sum(cross_entropy(logits_i2t, positive), axis_name) / num_global
+    loss_t2i = global_sum(cross_entropy(logits_t2i, positive_t2i), axis_name) / num_global
     loss = 0.5 * (loss_i2t + loss_t2i)
     metrics = dict(
         loss=loss,
         loss_i2t=loss_i2t,
         loss_t2i=loss_t2i,
         i2t_accuracy=global_sum(top1_hits(logits_i2t, positive), axis_name) / num_global,
-        t2i_accuracy=global_sum(top1_hits(logits_t2i, positive), axis_name) / num_global,
+        t2i_accuracy=global_sum(top1_hits(logits_t2i, positive_t2i), axis_name) / num_global,
         logit_scale=logit_scale,
         temperature=1.0 / logit_scale,
+        **extra,
     )
     return loss, metrics
+
+
+def _with_hard_negatives(logits, positive, zimg, zneg, neg_mask, logit_scale, axis_name, total):
+    """Row i of the image→text ``logits [n, N]`` and ``positive [n, N]`` extended by image i's
+    own hard negatives ``zneg [n, K, D]`` (masked ones at −∞): ``[n, N + K]`` each, and the
+    hard_negative_accuracy metric (over the ``total`` images of the global batch)."""
+    zneg = jnp.asarray(zneg, jnp.float32)
+    valid = jnp.ones(zneg.shape[:2], bool) if neg_mask is None else jnp.asarray(neg_mask, bool)
+    own = logit_scale * jnp.einsum("nd,nkd->nk", zimg, zneg)
+    own = jnp.where(valid, own, -jnp.inf)
+    paired = jnp.sum(jnp.where(positive, logits, 0), -1)
+    beats = jnp.all(paired[:, None] > own, axis=-1).astype(jnp.float32)
+    metric = dict(hard_negative_accuracy=global_sum(beats, axis_name) / total)
+    logits = jnp.concatenate([logits, own], axis=-1)
+    positive = jnp.concatenate([positive, jnp.zeros(own.shape, bool)], axis=-1)
+    return logits, positive, metric
 
 
 # --------------------------------------------------------------------------------------------------

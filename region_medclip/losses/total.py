@@ -25,7 +25,12 @@ def _global_term(kind, out, batch, loss_config, logit_scale, axis_name):
     """L_global of `kind` (one of GLOBAL_KINDS) on the image and text embeddings of `out`."""
     if kind == "softmax":
         return softmax_contrastive_loss(
-            zimg=out["zimg"], ztxt=out["ztxt"], logit_scale=logit_scale, axis_name=axis_name
+            zimg=out["zimg"],
+            ztxt=out["ztxt"],
+            logit_scale=logit_scale,
+            axis_name=axis_name,
+            zneg=out.get("zrneg"),
+            neg_mask=batch.get("report_neg_mask"),
         )
     if kind == "sigmoid":
         return sigmoid_contrastive_loss(
@@ -131,7 +136,8 @@ def total_loss(
       out: model outputs. Always `zimg [n, D]`, `ztxt [n, D]` and `logit_scale []` — the log-scale
         t' parameter, exponentiated here. Also `logit_bias []` for the sigmoid loss; `zroi
         [n, R, D]` and `zcap [n, R, D]` (embeddings of the ROI captions) when β > 0 or γ > 0;
-        `zneg [n, R, K, D]` (hard-negative captions) when γ > 0.
+        `zneg [n, R, K, D]` (hard-negative captions) when γ > 0; optional `zrneg [n, Kr, D]`
+        (hard-negative reports of the softmax global loss, masked by `report_neg_mask`).
       batch: `roi_mask [n, R]` when β, γ or λ > 0; optional `cap_ids [n, R]` (duplicates are ROI
         positives); `neg_mask [n, R, K]` when γ > 0; `labels [n, C]` for global_kind "medclip"
         (also the text labels unless `txt_labels [n, C]` is given).

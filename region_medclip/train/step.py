@@ -36,7 +36,8 @@ def forward(model, params, batch, loss_config) -> dict[str, jax.Array]:
     [n, R, D]`` (β or γ > 0), ``zneg [n, R, K, D]`` (γ > 0), ``logit_scale``, ``logit_bias``, from
     ``images [n, S, S, 3]``, ``texts [n, L]``, ``boxes [n, R, 4]``, ``roi_mask [n, R]``,
     ``captions [n, R, Lc]`` and ``negatives [n, R, K, Lc]``. Captions and negatives go through
-    the text tower in one call."""
+    the text tower in one call. With ``report_negatives [n, Kr, L]`` in the batch also ``zrneg
+    [n, Kr, D]``, the hard-negative reports of the softmax global loss."""
     out = model.apply(
         {"params": params}, batch["images"], batch["texts"], batch["boxes"], batch["roi_mask"]
     )
@@ -48,6 +49,8 @@ def forward(model, params, batch, loss_config) -> dict[str, jax.Array]:
             out["zcap"], out["zneg"] = z[:, :, 0], z[:, :, 1:]
         else:
             out["zcap"] = _apply(model, params, clip.RegionCLIP.encode_text, batch["captions"])
+    if "report_negatives" in batch:  # [n, Kr, L] → [n, Kr, D]
+        out["zrneg"] = _apply(model, params, clip.RegionCLIP.encode_text, batch["report_negatives"])
     return out
 
 
