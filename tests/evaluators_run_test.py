@@ -340,9 +340,14 @@ def test_robustness_cli(trained, tmp_path):
     proc = _run_module("region_medclip.robustness", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert list(results) == ["square PNG", "5:6", "4:3", "JPEG q85", "16-bit PNG", "RGB"]
+    presentations = ["square PNG", "5:6", "4:3", "JPEG q85", "16-bit PNG", "RGB"]
+    assert list(results) == [*presentations, "confusions"]
     assert results["square PNG"]["delta"] == 0 and "| 16-bit PNG |" in proc.stdout
     assert abs(results["16-bit PNG"]["delta"]) < 1e-6 and "auroc/nodule" in results["RGB"]
+    # What each finding is mistaken for: every other finding left out of its negatives in turn.
+    nodule = results["confusions"]["nodule"]
+    assert len(results["confusions"]) == 7 and len(nodule) == 7 and "without mass" in nodule
+    assert "| finding | all films |" in proc.stdout
 
 
 def _run_module(module: str, *args: str) -> subprocess.CompletedProcess:

@@ -97,10 +97,22 @@ def config(data_dir, **overrides):
     return c
 
 
+def xla_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a new process with ``devices`` CPU devices and this process's LLVM
+    optimisation level (tests/conftest.py sets 0): a step compiled there then computes what the
+    same step compiled here does, bit for bit, as exact-resume tests need."""
+    level = [
+        flag
+        for flag in os.environ.get("XLA_FLAGS", "").split()
+        if flag.startswith("--xla_backend_optimization_level")
+    ]
+    return " ".join([*level, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def run_main(workdir, data_dir, *flags, devices=8, timeout=300, **popen):
     """``python -m region_medclip.main`` on the micro config in a new process."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     cmd = [
         sys.executable,
         "-m",

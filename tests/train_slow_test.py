@@ -127,7 +127,7 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
     out = tmp_path / "losses.json"
     # Two processes compiling the same programs at once: no shared cache.
     env = conftest.without_compilation_cache(dict(os.environ, JAX_PLATFORMS="cpu"))
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = micro_config.xla_flags(4)
     worker = os.path.join(ROOT, "tests", "multihost_worker.py")
     procs = [
         subprocess.Popen(
