@@ -190,15 +190,18 @@ class Model:
         return np.asarray(self._text(self.params, ids))
 
 
-def load(path: str, step: int | None = None) -> Model:
+def load(path: str, step: int | None = None, params: str = "params") -> Model:
     """A model from a training workdir (its latest checkpoint, or ``step``), with the config
-    stored in that checkpoint.
+    stored in that checkpoint; ``params="ema"`` takes the moving average of the params
+    (``config.train.ema_decay``).
 
     Raises:
       FileNotFoundError: naming ``path`` when it holds no checkpoint.
-      ValueError: ``path`` holds one tower only (``convert --format=hf_bert``).
+      ValueError: ``path`` holds one tower only (``convert --format=hf_bert``), or no moving
+        average.
     """
-    params, config, _ = checkpointing.restore_params(path, step=step)
+    which = params
+    params, config, _ = checkpointing.restore_params(path, step=step, which=which)
     if "partial" in config:
         raise ValueError(
             f"{path}: holds only {config['partial']['provides']} ({config['partial']['format']}),"

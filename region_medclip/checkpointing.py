@@ -128,14 +128,18 @@ def abstract_with_shardings(abstract, shardings):
     )
 
 
-def restore_params(path: str, abstract_params=None, step: int | None = None):
+def restore_params(path: str, abstract_params=None, step: int | None = None, which="params"):
     """Params of the latest checkpoint (or ``step``) in a workdir (``path``) or a
     ``checkpoints`` dir, as numpy arrays unless ``abstract_params`` (shapes with shardings) is
-    given. Returns ``(params, config dict, step)``.
+    given. ``which="ema"`` reads their moving average instead (``config.train.ema_decay``).
+    Returns ``(params, config dict, step)``.
 
     Raises:
       FileNotFoundError: naming ``path`` when it holds no checkpoint.
+      ValueError: ``which="ema"`` and the checkpoint holds no moving average.
     """
+    if which not in ("params", "ema"):
+        raise ValueError(f"restore_params(which={which!r}): choose params or ema")
     root = _path(path)
     directory = root / "checkpoints" if (root / "checkpoints").exists() else root
     manager = ocp.CheckpointManager(
@@ -152,13 +156,18 @@ def restore_params(path: str, abstract_params=None, step: int | None = None):
         raise FileNotFoundError(f"{path}: no checkpoint found (looked in {directory})")
     if step not in manager.all_steps():
         raise FileNotFoundError(f"{path}: no checkpoint {step}; have {list(manager.all_steps())}")
+    metadata = manager.item_metadata(step)["state"].tree
+    if not metadata.get(which):
+        manager.close()
+        raise ValueError(
+            f"{path}: checkpoint {step} holds no {which} (its run had config.train.ema_decay=0)"
+        )
     if abstract_params is None:
         # Host numpy arrays: valid whatever topology saved them.
-        metadata = manager.item_metadata(step)["state"].tree
-        target = {"params": metadata["params"]}
+        target = {which: metadata[which]}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     else:
-        target = {"params": abstract_params}
+        target = {which: abstract_params}
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     restored = manager.restore(
         step,
@@ -168,7 +177,7 @@ def restore_params(path: str, abstract_params=None, step: int | None = None):
             )
         ),
     )
-    params = restored["state"]["params"]
+    params = restored["state"][which]
     config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     manager.close()
     return params, config["config"], step

@@ -2,7 +2,8 @@
 
 Runs every evaluator of ``config.evals`` on the latest checkpoint of ``DIR`` (or ``--step``) and
 writes ``DIR/eval/<step>.json`` and the plots ``DIR/plots/<step>/<evaluator>.png``; prints a
-table. ``--split=validation`` runs every evaluator on that split instead (``<step>.validation``).
+table. ``--split=validation`` runs every evaluator on that split instead (``<step>.validation``);
+``--params=ema`` evaluates the moving average of the params (``<step>.ema``).
 """
 
 import logging
@@ -19,6 +20,9 @@ _SPLIT = flags.DEFINE_enum(
     ["train", "validation", "test"],
     "Run every evaluator on this split instead of its own; results go to "
     "DIR/eval/<step>.<split>.json and DIR/plots/<step>.<split>/.",
+)
+_PARAMS = flags.DEFINE_enum(
+    "params", "params", ["params", "ema"], "The params, or their moving average (train.ema_decay)."
 )
 
 
@@ -40,7 +44,11 @@ def main(argv):
             for name in config.evals:
                 config.evals[name].split = _SPLIT.value
         suffix = f".{_SPLIT.value}"
-    params, _, step = checkpointing.restore_params(_WORKDIR.value, step=_STEP.value)
+    if _PARAMS.value == "ema":
+        suffix += ".ema"
+    params, _, step = checkpointing.restore_params(
+        _WORKDIR.value, step=_STEP.value, which=_PARAMS.value
+    )
     model = clip.from_config(config.model)
     plot_dir = f"{_WORKDIR.value}/plots/{step}{suffix}"
     results = run.evaluate(config, model, params, plot_dir=plot_dir)

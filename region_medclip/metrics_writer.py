@@ -2,31 +2,40 @@
 progress line with steps/s, examples/s and ETA."""
 
 import json
+import logging
 import math
 import time
 from typing import Any
 
 from etils import epath
 
+_log = logging.getLogger("region_medclip.train")
+
 
 class MetricsWriter:
     """Appends one JSON line per logged step and the same scalars to TensorBoard.
 
-    Only process 0 writes (``enabled``); other processes hold a no-op writer.
+    Only process 0 writes (``enabled``); other processes hold a no-op writer. A run that
+    resumes from step ``start_step`` first drops what the interrupted run logged after it (those
+    steps run again), so every step appears once in ``metrics.jsonl`` and in TensorBoard.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, start_step: int | None = None):
         self.enabled = enabled
         self._file = None
         self._tb = None
         if not enabled:
             return
         path = epath.Path(workdir)
+        if start_step is not None:
+            truncate(path / "metrics.jsonl", start_step)
         self._file = (path / "metrics.jsonl").open("a")
-        # tensorboardX writes the event format without TensorFlow.
+        # tensorboardX writes the event format without TensorFlow; purge_step makes TensorBoard
+        # discard the events of the steps from there on that an earlier writer left.
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(path / "tb"))
+        purge = None if start_step is None else start_step + 1
+        self._tb = SummaryWriter(str(path / "tb"), purge_step=purge)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Writes host scalars for ``step``; non-finite values become JSON ``null``."""
@@ -48,6 +57,32 @@ class MetricsWriter:
         if self.enabled:
             self._file.close()
             self._tb.close()
+
+
+def truncate(path: epath.Path, last_step: int) -> int:
+    """Keeps the rows of the metrics file ``path`` up to ``last_step`` (and drops a last line
+    that a killed process left half-written); returns how many rows were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.parent / (path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)  # atomic: a kill now leaves the old file or the new one
+        _log.info("%s: dropped %d row(s) logged after step %d", path, dropped, last_step)
+    return dropped
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -110,6 +110,24 @@ def case_medclip(rng, n):
     return losses.medclip_loss, arrays, static, ("zimg", "ztxt", "logit_scale")
 
 
+def case_medclip_unpaired(rng, n):
+    """Rows of a mixed batch: some without an image, some without a report (garbage behind each
+    mask, one device's rows all image-only)."""
+    loss_fn, arrays, static, diff = case_medclip(rng, n)
+    num = arrays["zimg"].shape[0]
+    arrays["ztxt"], arrays["txt_labels"] = arrays["ztxt"][:num], arrays["txt_labels"][:num]
+    img_mask, txt_mask = rng.random(num) > 0.3, rng.random(num) > 0.3
+    img_mask[:n], txt_mask[:n] = True, False
+    img_mask[n], txt_mask[n] = True, True
+    arrays.update(
+        zimg=_with_garbage(arrays["zimg"], img_mask, rng),
+        ztxt=_with_garbage(arrays["ztxt"], txt_mask, rng),
+        img_mask=img_mask,
+        txt_mask=txt_mask,
+    )
+    return loss_fn, arrays, static, diff
+
+
 def _case_dhn_nce(rng, n, reduction):
     arrays = dict(_contrastive_inputs(rng, n), temperature=np.float32(0.3))
     static = dict(beta1=0.15, beta2=0.25, reduction=reduction)
@@ -161,6 +179,7 @@ CASES = {
     "sigmoid_ring": functools.partial(_case_sigmoid, impl="ring"),
     "sigmoid_gather": functools.partial(_case_sigmoid, impl="gather"),
     "medclip": case_medclip,
+    "medclip_unpaired": case_medclip_unpaired,
     "dhn_nce_mean": functools.partial(_case_dhn_nce, reduction="mean"),
     "dhn_nce_sum": functools.partial(_case_dhn_nce, reduction="sum"),
     "roi": case_roi,
@@ -170,7 +189,14 @@ CASES = {
 }
 # The cases each test module runs, by the module of region_medclip.losses they test.
 CASE_GROUPS = {
-    "contrastive": ("dhn_nce_mean", "dhn_nce_sum", "medclip", "softmax", "softmax_hard_negatives"),
+    "contrastive": (
+        "dhn_nce_mean",
+        "dhn_nce_sum",
+        "medclip",
+        "medclip_unpaired",
+        "softmax",
+        "softmax_hard_negatives",
+    ),
     "sigmoid": ("sigmoid_gather", "sigmoid_ring"),
     "region": ("distillation", "negative_caption", "roi", "roi_without_ids"),
 }

@@ -141,6 +141,15 @@ REFERENCES = {
         a["logit_scale"],
         s["label_temperature"],
     ),
+    # The masked loss is the loss of the images and texts that are there.
+    "medclip_unpaired": lambda a, s: np_medclip_loss(
+        a["zimg"][a["img_mask"]],
+        a["ztxt"][a["txt_mask"]],
+        a["img_labels"][a["img_mask"]],
+        a["txt_labels"][a["txt_mask"]],
+        a["logit_scale"],
+        s["label_temperature"],
+    ),
     "dhn_nce_mean": lambda a, s: np_dhn_nce_literal(a["zimg"], a["ztxt"], a["temperature"], **s),
     "dhn_nce_sum": lambda a, s: np_dhn_nce_literal(a["zimg"], a["ztxt"], a["temperature"], **s),
     "roi": lambda a, s: np_roi_loss(

@@ -33,12 +33,18 @@ def test_train_two_steps_checkpoint_resume_two_more(synth_data_dir, tmp_path):
     result = train.train_and_evaluate(config(synth_data_dir, **{"train.total_steps": 2}), workdir)
     assert result["step"] == 2 and np.isfinite(result["loss"])
     assert checkpointing.Checkpointer(workdir, keep=3).latest_step() == 2
+    # What a run killed after its checkpoint at 2 logged beyond it, the last line half-written.
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n{"step": 5, "lo')
     c = config(synth_data_dir, **{"train.total_steps": 4, "train.keep": 1})
     result = train.train_and_evaluate(c, workdir)
     assert result["step"] == 4
     assert checkpointing.Checkpointer(workdir, keep=1).all_steps() == [4]  # keep = 1
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # each step once
     rows = losses_by_step(workdir)
     assert sorted(rows) == [1, 2, 3, 4]
+    assert rows[3]["loss"] != 9.0
     for key in (
         "loss",
         "global/loss",

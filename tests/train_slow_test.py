@@ -64,6 +64,9 @@ def test_sigkill_resumes_from_last_complete_checkpoint(synth_data_dir, tmp_path)
     assert last is not None and last >= 2 and last % 2 == 0
     run_main(workdir, synth_data_dir, f"--config.train.total_steps={last + 2}", constant)
     assert checkpointing.Checkpointer(workdir, keep=10).latest_step() == last + 2
+    # What the killed run logged past its checkpoint was dropped: every step is logged once.
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, last + 3))
     # The rerun repeated the steps after the checkpoint with the same data.
     straight = str(tmp_path / "straight")
     c = config(synth_data_dir, **{"train.total_steps": last + 2, "optim.schedule": "constant"})

@@ -13,10 +13,11 @@ from region_medclip.config import ConfigError, validate
 
 
 def test_grad_accum_averages_micro_batch_gradients():
-    """grad_accum=2: loss and gradient are the means over rows (0, 2, ...) and (1, 3, ...)."""
+    """grad_accum=2 with each micro-batch's own negatives: loss and gradient are the means over
+    rows (0, 2, ...) and (1, 3, ...)."""
     c = micro_config.get_config()
     c.data.batch_size = 16
-    c.train.grad_accum = 2
+    c.train.update(grad_accum=2, accum_negatives="micro")
     batch = micro_config.random_batch(c)
     _, hist = micro_config.run_steps(c, [batch])
     # Reference: each micro-batch through the same loss on its own, averaged by hand.
@@ -58,14 +59,15 @@ def test_bf16_compute_remat_and_bf16_moments():
 
 def test_nonfinite_batch_skips_update():
     c = micro_config.get_config()
+    c.train.ema_decay = 0.99
     good, bad = micro_config.random_batch(c, 0), micro_config.random_batch(c, 1)
     bad["images"][3] = np.nan
     mesh, run, state = micro_config.step_setup(c)
     step = run.train_step(c, mesh)
     state, _ = step(state, good, {})
-    before = jax.device_get((state.params, state.opt_state))
+    before = jax.device_get((state.params, state.opt_state, state.ema))
     state, metrics = step(state, bad, {})
-    after = jax.device_get((state.params, state.opt_state))
+    after = jax.device_get((state.params, state.opt_state, state.ema))
     assert metrics["nonfinite"] == 1 and int(state.skipped) == 1 and int(state.bad_streak) == 1
     assert int(state.step) == 2
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
@@ -113,3 +115,39 @@ def test_report_negatives_join_the_softmax_step():
     c.loss.global_kind = "sigmoid"
     with pytest.raises(ConfigError, match="config.data.report_negatives=2"):
         validate(c)
+
+
+def test_ema_follows_the_params_with_warmup():
+    """``train.ema_decay``: the average starts at the init and moves by min(d, (1+t)/(10+t))."""
+    c = micro_config.get_config()
+    c.train.ema_decay = 0.99
+    mesh, run, state = micro_config.step_setup(c)
+    step = run.train_step(c, mesh)
+    p0 = jax.device_get(state.params)
+    np.testing.assert_array_equal(jax.device_get(state.ema["logit_scale"]), p0["logit_scale"])
+    state, _ = step(state, micro_config.random_batch(c, 0), {})
+    p1, e1 = jax.device_get((state.params, state.ema))
+    state, _ = step(state, micro_config.random_batch(c, 1), {})
+    p2, e2 = jax.device_get((state.params, state.ema))
+    d0, d1 = min(0.99, 1 / 10), min(0.99, 2 / 11)
+    for a, b, c1, e, f in zip(*map(jax.tree.leaves, (p0, p1, p2, e1, e2)), strict=True):
+        np.testing.assert_allclose(e, d0 * a + (1 - d0) * b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(f, d1 * e + (1 - d1) * c1, rtol=1e-6, atol=1e-7)
+
+
+def test_report_neg_mask_reaches_the_loss():
+    """A masked hard-negative report (a report with no finding to swap) is not a negative."""
+    c = micro_config.get_config()
+    c.data.report_negatives = 2
+    mesh, run, state = micro_config.step_setup(c)
+    grads = sharding_lib.with_logical_rules(
+        jax.jit(train.step.step_gradients(run.model, c, mesh)), mesh
+    )
+    batch = micro_config.random_batch(c, 0)
+    batch["report_neg_mask"][:] = True
+    loss_all = float(grads(state.params, batch, {})[0])
+    batch["report_neg_mask"][:, 1] = False
+    loss_masked = float(grads(state.params, batch, {})[0])
+    batch["report_negatives"][:, 1] = 7  # what a masked negative holds is never read
+    np.testing.assert_allclose(float(grads(state.params, batch, {})[0]), loss_masked, rtol=1e-6)
+    assert loss_masked < loss_all

@@ -1,5 +1,5 @@
 """Benchmarks, not tests: ``python -m region_medclip.bench
-losses|data|train|compare|openclip|profile|gpu [--out=JSON]``.
+losses|data|train|compare|openclip|profile|gpu|accum [--out=JSON]``.
 
 - ``losses`` (:mod:`.losses`): forward + backward time and XLA's peak memory per device of the
   global losses on 8 simulated CPU devices, as the global batch and the number of devices grow.
@@ -15,6 +15,8 @@ losses|data|train|compare|openclip|profile|gpu [--out=JSON]``.
 - ``gpu`` (:mod:`.gpu`): one accelerator's figures in one process: its bfloat16 peak, the
   ViT-B/16 step (region-aware and global-only, XLA and cuDNN attention) with MFU and memory,
   open_clip's step at the same batch, and the global losses at a 32k batch.
+- ``accum`` (:mod:`.accum`): peak memory per device of gradient accumulation that keeps the
+  whole batch's negatives, against the micro-batch's step and the whole batch's.
 
 The benchmarks run the repository's ``configs/tiny_roi.py`` and ``configs/vitb16_roi.py``, read by
 path from ``--configs_dir`` (:mod:`.common`). All but ``gpu`` run on 8 simulated CPU devices. This

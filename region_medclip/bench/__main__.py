@@ -1,4 +1,4 @@
-"""``python -m region_medclip.bench losses|data|train|compare|openclip|profile|gpu [--out=JSON]``:
+"""``python -m region_medclip.bench losses|data|train|compare|openclip|profile|gpu|accum``:
 parses the flags, runs one benchmark and prints its markdown report (see the package's
 docstring, or ``--help``)."""
 
@@ -24,7 +24,7 @@ from region_medclip.bench import common  # noqa: E402
 # Each names the module of region_medclip.bench whose `run(args) -> (results, report)` it calls,
 # imported only when chosen: `compare` and `openclip` need torch, `train` and `profile` the
 # trainer.
-SUBCOMMANDS = ("compare", "data", "gpu", "losses", "openclip", "profile", "train")
+SUBCOMMANDS = ("accum", "compare", "data", "gpu", "losses", "openclip", "profile", "train")
 
 
 def _comma_list(cast=str):
@@ -66,6 +66,9 @@ def _add_step_flags(parser):
         "--compare_cases", type=_comma_list(), default=None, help=f"subset of: {cases}"
     )
     group.add_argument("--compare_batch", type=int, default=0, help="0: the config's")
+    group = parser.add_argument_group("accum")
+    group.add_argument("--accum_batch", type=int, default=256, help="global batch B")
+    group.add_argument("--accum_k", type=int, default=8, help="micro-batches of B")
     group = parser.add_argument_group("openclip")
     group.add_argument(
         "--openclip_seconds", type=float, default=540.0, help="wall-clock training budget"

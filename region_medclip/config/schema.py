@@ -99,6 +99,12 @@ def _optim() -> ml_collections.ConfigDict:
     s.mu_dtype = "float32"
     s.tower_lr = dict(image=1.0, text=1.0, region=1.0, head=1.0)
     s.freeze = dict(image=False, text=False, region=False)
+    # Train only the last N blocks of a tower and what follows them (LiT's partial unlocking);
+    # -1: every block.
+    s.unlock = dict(image=-1, text=-1)
+    # Layer-wise learning-rate decay (BEiT, ELECTRA): block i of L gets lr · decay^(L − i), the
+    # embeddings lr · decay^(L + 1), the heads lr; 1.0: off.
+    s.layer_decay = 1.0
     return s
 
 
@@ -109,7 +115,13 @@ def _train() -> ml_collections.ConfigDict:
     s.ckpt_every = 1000
     s.keep = 3
     s.eval_every = 1000
-    s.grad_accum = 1  # micro-batches per step (contrastive negatives stay per micro-batch)
+    s.grad_accum = 1  # micro-batches per step
+    # global: every micro-batch's rows meet the negatives of the whole batch (GradCache: embed
+    # all micro-batches without gradients, take the loss over the batch, replay each with the
+    # loss's gradient of its embeddings); micro: each micro-batch only its own negatives.
+    s.accum_negatives = "global"
+    # Exponential moving average of the params, evaluated beside them; 0: none.
+    s.ema_decay = 0.0
     s.max_bad_steps = 10  # this many non-finite steps in a row abort the run
     return s
 

@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.dhn_nce.reduction": ("mean", "sum"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.mu_dtype": ("float32", "bfloat16"),
+    "train.accum_negatives": ("global", "micro"),
 }
 
 # Sections whose keys are not fixed by the schema; they are checked by their own rules.
@@ -100,10 +101,30 @@ def validate(
             f"config.data.report_negatives={negatives}: hard-negative reports join the softmax "
             f"global loss only; config.loss.global_kind is {kind!r}"
         )
+    _check_train(config)
     for section in ("evals",):
         for name, cfg in (_get(config, section) or {}).items():
             if not _is_section(cfg) or "kind" not in cfg:
                 raise ConfigError(f"config.evals.{name}: needs a dict with a 'kind' key")
+
+
+def _check_train(config: Mapping) -> None:
+    """Ranges of the training keys that a type check cannot see."""
+    ema = _get(config, "train.ema_decay")
+    if ema is not None and not 0.0 <= ema < 1.0:
+        raise ConfigError(f"config.train.ema_decay={ema}: must lie in [0, 1) (0: no average)")
+    accum = _get(config, "train.grad_accum")
+    if accum is not None and accum < 1:
+        raise ConfigError(f"config.train.grad_accum={accum}: must be at least 1")
+    decay = _get(config, "optim.layer_decay")
+    if decay is not None and not 0.0 < decay <= 1.0:
+        raise ConfigError(f"config.optim.layer_decay={decay}: must lie in (0, 1] (1: off)")
+    for tower, n in (_get(config, "optim.unlock") or {}).items():
+        if tower not in ("image", "text") or not isinstance(n, int) or n < -1:
+            raise ConfigError(
+                f"config.optim.unlock.{tower}={n!r}: the image or text tower, a number of "
+                "blocks ≥ 0 or -1 (all)"
+            )
 
 
 def _is_section(x: Any) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from region_medclip.data import registry, transforms
+from region_medclip.data import mixture, registry, transforms
 from region_medclip.data.schema import random_batch  # noqa: F401  (its home before; callers use it)
 from region_medclip.data.tokenizers import TextTokenizer
 from region_medclip.data.tokenizers import from_config as tokenizer_from_config
@@ -31,20 +31,23 @@ def source(name: str, split: str, data_config) -> Any:
 
 class _CountingBatch(grain.IterDataset):
     """Batches examples, dropping those marked ``_skip`` and counting them in the batch; a
-    finite pass ends with a partial batch rather than losing its last examples."""
+    finite pass ends with a partial batch rather than losing its last examples. With
+    ``sources`` (a mixture's labels) each batch also counts its rows of each source."""
 
-    def __init__(self, parent: grain.IterDataset, batch_size: int):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, sources=()):
         super().__init__(parent)
         self._batch_size = batch_size
+        self._sources = tuple(sources)
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _CountingBatchIterator(self._parent.__iter__(), self._batch_size)
+        return _CountingBatchIterator(self._parent.__iter__(), self._batch_size, self._sources)
 
 
 class _CountingBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, sources=()):
         super().__init__(parent)
         self._batch_size = batch_size
+        self._sources = sources
 
     def __next__(self) -> dict[str, np.ndarray]:
         items, skipped = [], 0
@@ -63,6 +66,10 @@ class _CountingBatchIterator(grain.DatasetIterator):
         for key in ("truncated_rois", "truncated_texts"):
             batch[key] = np.int32(batch[key].sum())
         batch["skipped"] = np.int32(skipped)
+        if self._sources:
+            counts = np.bincount(batch.pop("_source"), minlength=len(self._sources))
+            for label, count in zip(self._sources, counts, strict=True):
+                batch[f"source/{label}"] = np.int32(count)
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -87,6 +94,8 @@ def make_dataset(
     """Local batches of model inputs (see ``transforms.Finalize`` for the keys) plus the
     per-batch counts ``skipped``, ``truncated_rois`` (boxes past ``max_rois``) and
     ``truncated_texts`` (reports over ``text_len``, captions over ``caption_len``, cut to fit).
+    When ``data_config.train`` is a mixture (:mod:`.mixture`) a training batch also holds
+    ``has_image``, ``has_text [b]`` and counts ``source/<label>`` of each source's rows.
 
     Args:
       data_config: ``config.data``.
@@ -99,10 +108,52 @@ def make_dataset(
       records: a random-access source to use instead of ``data_config.train``/``eval``
         (tests, in-memory data).
     """
-    if records is None:
-        records = source(data_config.train if train else data_config.eval, split, data_config)
     tokenizer = tokenizer or tokenizer_from_config(data_config)
-    ds = grain.MapDataset.source(records)[process_index::process_count].seed(seed)
+    shard = dict(process_index=process_index, process_count=process_count, tokenizer=tokenizer)
+    labels = ()
+    if records is not None or not train or not mixture.is_mixture(data_config.train):
+        if records is None:
+            name = data_config.train if train else data_config.eval
+            records = source(name, split, data_config)
+        ds = _examples(records, data_config, train=train, seed=seed, **shard)
+    else:
+        ds, labels = _mixture(data_config, split, seed, shard)
+    ds = _CountingBatch(ds.to_iter_dataset(), batch_size, labels)
+    if data_config.workers > 0:
+        from absl import flags
+
+        # grain's workers read absl flags; a caller outside `app.run` has not parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.workers))
+    return ds
+
+
+def _mixture(data_config, split: str, seed: int, shard: dict) -> tuple[grain.MapDataset, list]:
+    """The training stream of the mixture ``data_config.train`` (:mod:`.mixture`) and its
+    sources' labels. Source ``i`` is shuffled with ``seed + 1000 i``."""
+    sources = mixture.parse(data_config.train)
+    streams = []
+    for i, src in enumerate(sources):
+        try:
+            records = grain.MapDataset.source(source(src.name, split, data_config))
+        except (KeyError, FileNotFoundError) as err:
+            raise ValueError(f"config.data.train: source {src.label!r}: {err}") from err
+        if src.parts > 1:
+            records = records[src.part :: src.parts]
+        examples = _examples(records, data_config, train=True, seed=seed + 1000 * i, **shard)
+        streams.append(examples.map(mixture.Unpair(src.kind)))
+    return mixture.mix(streams, sources), [s.label for s in sources]
+
+
+def _examples(
+    records, data_config, *, train: bool, seed: int, process_index, process_count, tokenizer
+) -> grain.MapDataset:
+    """This process's shard of ``records``, seeded (shuffled and repeated forever when
+    ``train``), decoded, resized, augmented when ``train`` and finalised into model inputs."""
+    if not isinstance(records, grain.MapDataset):
+        records = grain.MapDataset.source(records)
+    ds = records[process_index::process_count].seed(seed)
     if train:
         ds = ds.shuffle().repeat(None)
     ds = ds.map(transforms.Decode(strict=data_config.get("strict", False)))
@@ -113,7 +164,7 @@ def make_dataset(
         ds = ds.random_map(transforms.Augment())
     if train and data_config.get("report_sentences", 0.0) > 0:
         ds = ds.random_map(transforms.SampleSentences(p=data_config.report_sentences))
-    ds = ds.map(
+    return ds.map(
         transforms.Finalize(
             tokenizer=tokenizer,
             max_rois=data_config.max_rois,
@@ -125,15 +176,6 @@ def make_dataset(
             report_negatives=data_config.get("report_negatives", 0) if train else 0,
         )
     )
-    ds = _CountingBatch(ds.to_iter_dataset(), batch_size)
-    if data_config.workers > 0:
-        from absl import flags
-
-        # grain's workers read absl flags; a caller outside `app.run` has not parsed them.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.workers))
-    return ds
 
 
 class BatchIterator(Iterator[dict]):
@@ -151,6 +193,8 @@ class BatchIterator(Iterator[dict]):
 
     def __next__(self) -> dict:
         batch = next(self._iterator)
+        for key in [k for k in batch if k.startswith("source/")]:
+            self.totals[key] = self.totals.get(key, 0) + int(batch.pop(key))
         for key in _STATS:
             count = int(batch.pop(key))
             self.totals[key] += count
@@ -182,4 +226,6 @@ class BatchIterator(Iterator[dict]):
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores a state from :meth:`get_state`: the next batch is the one that followed."""
         self._iterator.set_state(state["grain"])
-        self.totals = {key: int(state["totals"].get(key, 0)) for key in _STATS}
+        totals = state["totals"]
+        self.totals = {key: int(totals.get(key, 0)) for key in _STATS}
+        self.totals.update({k: int(v) for k, v in totals.items() if k.startswith("source/")})

@@ -120,10 +120,13 @@ def medclip_loss(
     logit_scale,
     label_temperature=1.0,
     axis_name=None,
+    img_mask=None,
+    txt_mask=None,
 ) -> tuple[jax.Array, Metrics]:
     """MedCLIP semantic-matching loss with soft targets from label similarity.
 
-    Images and texts need not be paired: they may come from different sources and sizes.
+    Images and texts need not be paired: they may come from different sources and sizes, and a
+    batch of rows that hold an image only or a report only masks out the side each lacks.
 
     Args:
       zimg: [n_img, D] L2-normalised image embeddings (local shard when `axis_name` is set).
@@ -133,28 +136,40 @@ def medclip_loss(
       logit_scale: [] multiplier t = exp(t') of the embedding similarities.
       label_temperature: τ_label of the soft targets softmax(s_ij / τ_label).
       axis_name: None for the dense loss, else the mesh axis both batches are sharded over.
+      img_mask: optional [n_img] bool, False for rows without an image (default: all True):
+        they are neither a row of L^{v→t} nor a column of L^{t→v}.
+      txt_mask: optional [n_txt] bool, the same for texts.
 
     Returns:
-      loss: [] ½ (L^{v→t} + L^{t→v}), each a mean over its global rows.
+      loss: [] ½ (L^{v→t} + L^{t→v}), each a mean over its global valid rows.
       metrics: loss_i2t, loss_t2i, i2t_accuracy / t2i_accuracy (top-1 has the highest label
-        similarity of its row), logit_scale, temperature.
+        similarity of its row), logit_scale, temperature, images / texts (global valid rows).
     """
     zimg, ztxt, logit_scale = f32(zimg, ztxt, logit_scale)
     img_dirs, txt_dirs = _label_directions(img_labels), _label_directions(txt_labels)
+    img_ok = _mask(img_mask, zimg.shape[0])
+    txt_ok = _mask(txt_mask, ztxt.shape[0])
 
-    def direction(rows, row_dirs, cols, col_dirs):
+    def direction(rows, row_dirs, row_ok, cols, col_dirs, col_ok):
         # s_ij: cosine of the label vectors; targets y_i = softmax_j(s_ij / τ_label); predictions
-        # ŷ_i = softmax_j(t x_i·y_j); per-row cross-entropy −Σ_j y_ij log ŷ_ij.
+        # ŷ_i = softmax_j(t x_i·y_j); per-row cross-entropy −Σ_j y_ij log ŷ_ij. Absent columns
+        # take part in neither softmax; absent rows count nothing.
+        valid = gather_rows(col_ok.astype(jnp.float32), axis_name)[None, :] > 0
         similarity = row_dirs @ gather_rows(col_dirs, axis_name).T
-        targets = jax.nn.softmax(similarity / label_temperature, axis=-1)
-        logits = logit_scale * rows @ gather_rows(cols, axis_name).T
-        cross_entropy = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-        best_match = similarity >= jnp.max(similarity, axis=-1, keepdims=True)
-        num_global = logits.shape[1]  # global size of the *other* batch
-        return cross_entropy, top1_hits(logits, best_match), num_global
+        targets = jax.nn.softmax(jnp.where(valid, similarity / label_temperature, -jnp.inf), -1)
+        logits = jnp.where(valid, logit_scale * rows @ gather_rows(cols, axis_name).T, -jnp.inf)
+        log_probs = jnp.where(valid, jax.nn.log_softmax(logits, axis=-1), 0.0)
+        cross_entropy = -jnp.sum(targets * log_probs, axis=-1)
+        best_match = similarity >= jnp.max(
+            jnp.where(valid, similarity, -jnp.inf), -1, keepdims=True
+        )
+        hits = top1_hits(logits, best_match, jnp.broadcast_to(valid, logits.shape))
+        return jnp.where(row_ok, cross_entropy, 0.0), jnp.where(row_ok, hits, 0.0)
 
-    ce_i2t, hits_i2t, num_txt = direction(zimg, img_dirs, ztxt, txt_dirs)
-    ce_t2i, hits_t2i, num_img = direction(ztxt, txt_dirs, zimg, img_dirs)
+    ce_i2t, hits_i2t = direction(zimg, img_dirs, img_ok, ztxt, txt_dirs, txt_ok)
+    ce_t2i, hits_t2i = direction(ztxt, txt_dirs, txt_ok, zimg, img_dirs, img_ok)
+    num_img = jnp.maximum(global_sum(img_ok.astype(jnp.float32), axis_name), 1.0)
+    num_txt = jnp.maximum(global_sum(txt_ok.astype(jnp.float32), axis_name), 1.0)
     loss_i2t = global_sum(ce_i2t, axis_name) / num_img
     loss_t2i = global_sum(ce_t2i, axis_name) / num_txt
     loss = 0.5 * (loss_i2t + loss_t2i)
@@ -166,8 +181,15 @@ def medclip_loss(
         t2i_accuracy=global_sum(hits_t2i, axis_name) / num_txt,
         logit_scale=logit_scale,
         temperature=1.0 / logit_scale,
+        images=num_img,
+        texts=num_txt,
     )
     return loss, metrics
+
+
+def _mask(mask, n: int) -> jax.Array:
+    """[n] bool: ``mask``, or all True when it is None."""
+    return jnp.ones((n,), bool) if mask is None else jnp.asarray(mask, bool)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ def _global_term(kind, out, batch, loss_config, logit_scale, axis_name):
             logit_scale=logit_scale,
             label_temperature=loss_config.medclip.label_temperature,
             axis_name=axis_name,
+            img_mask=batch.get("has_image"),
+            txt_mask=batch.get("has_text"),
         )
     if kind == "dhn_nce":
         cfg = loss_config.dhn_nce
@@ -140,7 +142,8 @@ def total_loss(
         (hard-negative reports of the softmax global loss, masked by `report_neg_mask`).
       batch: `roi_mask [n, R]` when β, γ or λ > 0; optional `cap_ids [n, R]` (duplicates are ROI
         positives); `neg_mask [n, R, K]` when γ > 0; `labels [n, C]` for global_kind "medclip"
-        (also the text labels unless `txt_labels [n, C]` is given).
+        (also the text labels unless `txt_labels [n, C]` is given), with optional `has_image`,
+        `has_text [n]` (rows of unpaired sources: the side a row lacks is masked out).
       loss_config: `config.loss`: global_kind ("softmax" | "sigmoid" | "medclip" | "dhn_nce"),
         alpha, beta, gamma, lambda_, roi_temperature (τ of the region losses; 0 or None: the
         learned t), sigmoid_impl ("ring" | "gather"), dhn_nce.{temperature, beta1, beta2,

@@ -124,7 +124,14 @@ class Setup(NamedTuple):
         def create(rng, params):
             # A partial ``params`` (one tower) overlays the random init; a whole one replaces it.
             init_fn = None if params is None else (lambda init: overlay_params(init, params))
-            return state_lib.create(self.model, self.tx, rng, self.example, init_params_fn=init_fn)
+            return state_lib.create(
+                self.model,
+                self.tx,
+                rng,
+                self.example,
+                init_params_fn=init_fn,
+                ema=self.abstract.ema is not None,
+            )
 
         return jax.jit(create, out_shardings=self.shardings)(jax.random.PRNGKey(seed), params)
 
@@ -151,7 +158,8 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     tx, lr_fn = optim.make_optimizer(
         config.optim, nn.meta.unbox(boxed), int(config.train.total_steps)
     )
-    abstract, shardings = state_lib.shardings(model, tx, example, mesh)
+    ema = float(config.train.get("ema_decay", 0.0)) > 0
+    abstract, shardings = state_lib.shardings(model, tx, example, mesh, ema=ema)
     return Setup(model, tx, lr_fn, example, abstract, shardings)
 
 

@@ -19,7 +19,7 @@ from etils import epath
 from region_medclip import checkpointing, metrics_writer
 from region_medclip import config as config_lib
 from region_medclip import sharding as sharding_lib
-from region_medclip.data import pipeline
+from region_medclip.data import mixture, pipeline
 from region_medclip.data import tokenizers as tokenizers_lib
 from region_medclip.evaluators import run as evals_lib
 from region_medclip.train.distillation import Teacher, concept_vocabulary
@@ -78,7 +78,9 @@ class _StepLog:
         self.total_steps = int(config.train.total_steps)
         self.log_every = max(int(config.train.log_every), 1)
         self.max_bad = int(config.train.max_bad_steps)
-        self.writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        self.writer = metrics_writer.MetricsWriter(
+            workdir, enabled=jax.process_index() == 0, start_step=start
+        )
         self.progress = metrics_writer.Progress(self.total_steps, start, config.data.batch_size)
         self.batches = batches
 
@@ -127,10 +129,27 @@ def _check_batch(config, mesh) -> int:
     return batch_size
 
 
+def _check_sources(config) -> None:
+    """A mixture in ``config.data.train`` reads (:func:`mixture.parse` names a bad entry), and
+    images or reports alone go with the one loss that learns from them."""
+    if mixture.unpaired(config.data.train) and config.loss.global_kind != "medclip":
+        raise ValueError(
+            f"config.data.train={config.data.train!r}: images or reports alone (@images, "
+            f"@texts) need config.loss.global_kind=medclip, not {config.loss.global_kind!r}"
+        )
+    micro = config.train.grad_accum > 1 and config.train.accum_negatives == "micro"
+    if mixture.unpaired(config.data.train) and micro:
+        # A micro-batch's own loss needs a row of each side, which a mixture does not promise.
+        raise ValueError(
+            "config.train.accum_negatives=micro with images or reports alone in "
+            "config.data.train: use accum_negatives=global"
+        )
+
+
 def _teacher(config, mesh) -> Teacher | None:
     if not (config.teacher.init_from and config.loss.lambda_ > 0):
         return None
-    concepts = concept_vocabulary(config.data.train)
+    concepts = concept_vocabulary(mixture.parse(config.data.train)[0].name)
     return Teacher(config.teacher.init_from, config.data, concepts, mesh, config.teacher.regions)
 
 
@@ -157,18 +176,28 @@ def _due(evals: dict, step: int, total_steps: int) -> list[str]:
     ]
 
 
-def _run_evals(config, model, params, names, workdir, step, writer) -> dict:
-    """Evaluates the current params (gathered to every host; process 0 evaluates and writes)."""
+def _gather(params):
+    """Params gathered to every host (host arrays)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        params = multihost_utils.process_allgather(params, tiled=True)
-    else:
-        params = jax.device_get(params)
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
+
+
+def _run_evals(config, model, state, names, workdir, step, writer) -> dict:
+    """Evaluates the current params, and their moving average as ``ema/<evaluator>`` when the
+    state keeps one (gathered to every host; process 0 evaluates and writes)."""
+    sets = {"": _gather(state.params)}
+    if state.ema is not None:
+        sets["ema/"] = _gather(state.ema)
     if jax.process_index() != 0:
         return {}
-    plot_dir = str(epath.Path(workdir) / "plots" / str(step))
-    results = evals_lib.evaluate(config, model, params, names, plot_dir=plot_dir)
+    results = {}
+    for prefix, params in sets.items():
+        plot_dir = str(epath.Path(workdir) / "plots" / str(step) / prefix)
+        out = evals_lib.evaluate(config, model, params, names, plot_dir=plot_dir)
+        results.update({prefix + name: metrics for name, metrics in out.items()})
     _log.info("\n%s", evals_lib.write(workdir, step, results, writer.tensorboard))
     return results
 
@@ -195,6 +224,7 @@ def train_and_evaluate(
     evals = {name: evals_lib.eval_config(config, name) for name in config.evals}
     mesh = sharding_lib.make_mesh(config.mesh)
     batch_size = _check_batch(config, mesh)
+    _check_sources(config)
     run = setup(config, mesh)
     teacher = _teacher(config, mesh)
     batches = _train_batches(config, batch_size)
@@ -264,7 +294,7 @@ class _Loop:
                     last_eval = _run_evals(
                         self.config,
                         self.model,
-                        state.params,
+                        state,
                         due,
                         self.workdir,
                         step,

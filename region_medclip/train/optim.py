@@ -1,11 +1,13 @@
 """The Optax optimizer from ``config.optim``.
 
 AdamW with linear warmup then cosine (or linear / constant) decay, global-norm clipping, weight
-decay only on matrices, per-tower learning-rate multipliers and frozen towers (no optimizer state,
-zero update, excluded from the gradient norm).
+decay only on matrices, per-tower learning-rate multipliers, layer-wise learning-rate decay,
+and frozen towers or frozen lower blocks (LiT's partial unlocking: no optimizer state, zero
+update, excluded from the gradient norm).
 """
 
 import functools
+import re
 from collections.abc import Callable
 
 import jax
@@ -16,6 +18,23 @@ import optax
 TOWERS = {"image_tower": "image", "text_tower": "text", "region_tower": "region"}
 HEAD = "head"  # logit_scale, logit_bias and anything else outside the towers
 FROZEN = "frozen"
+# Param names (the first key inside a tower) that come before its first block: patch and token
+# embeddings, position embeddings, the class token and the pre-norm. Layer 0 of the tower.
+EMBEDDINGS = frozenset(
+    {
+        "class_embedding",
+        "patch_embed",
+        "stem",
+        "pos_embedding",
+        "ln_pre",
+        "token_embedding",
+        "word_embeddings",
+        "position_embeddings",
+        "token_type_embeddings",
+        "ln_embed",
+    }
+)
+_BLOCK = re.compile(r"^block(\d+)$")
 
 
 def schedule(optim_config, total_steps: int) -> optax.Schedule:
@@ -34,18 +53,76 @@ def schedule(optim_config, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def param_labels(params, optim_config) -> dict:
-    """Per-leaf group name: ``image`` | ``text`` | ``region`` | ``head`` | ``frozen``."""
-    freeze = dict(optim_config.freeze)
+def _keys(path) -> list[str]:
+    return [str(getattr(k, "key", k)) for k in path]
 
-    def label(name: str):
+
+def layer_ids(params) -> dict:
+    """Per-leaf ``(layer, depth)`` inside its tower, as BEiT's layer-wise decay counts them: 0
+    for the embeddings (:data:`EMBEDDINGS`), ``i + 1`` for ``block{i}``, ``depth + 1`` for what
+    follows the blocks (final norm, pooling head, projection), where ``depth`` is the tower's
+    number of blocks. Leaves outside ``image_tower`` / ``text_tower`` (the region head, the
+    temperature) are ``(1, 0)``: top layers of a tower without blocks."""
+
+    def depth(tree) -> int:
+        blocks = {
+            int(m.group(1))
+            for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+            for m in map(_BLOCK.match, _keys(path))
+            if m
+        }
+        return max(blocks) + 1 if blocks else 0
+
+    def layer(path, tower_depth: int) -> tuple[int, int]:
+        keys = _keys(path)
+        for key in keys:
+            if m := _BLOCK.match(key):
+                return int(m.group(1)) + 1, tower_depth
+        return (0 if keys and keys[0] in EMBEDDINGS else tower_depth + 1), tower_depth
+
+    out = {}
+    for name, sub in params.items():
+        if name in ("image_tower", "text_tower"):
+            d = depth(sub)
+            out[name] = jax.tree_util.tree_map_with_path(lambda p, _, d=d: layer(p, d), sub)
+        else:
+            out[name] = jax.tree.map(lambda _: (1, 0), sub)
+    return out
+
+
+def param_labels(params, optim_config) -> dict:
+    """Per-leaf group name: ``image`` | ``text`` | ``region`` | ``head`` | ``frozen``.
+
+    A tower is frozen whole by ``optim.freeze.<tower>``, or all but its last ``N`` blocks and what
+    follows them by ``optim.unlock.<tower> = N`` (LiT's partial unlocking; -1 unlocks all)."""
+    freeze = dict(optim_config.freeze)
+    unlock = dict(optim_config.get("unlock", {}))
+    ids = layer_ids(params)
+
+    def label(name: str, layer_depth: tuple[int, int]):
         group = TOWERS.get(name, HEAD)
-        return FROZEN if freeze.get(group, False) else group
+        if freeze.get(group, False):
+            return FROZEN
+        n = int(unlock.get(group, -1))
+        layer, depth = layer_depth
+        return FROZEN if n >= 0 and layer <= depth - n else group
 
     return {
-        name: jax.tree.map(functools.partial(lambda g, _: g, label(name)), sub)
-        for name, sub in params.items()
+        name: jax.tree.map(
+            functools.partial(label, name), ids[name], is_leaf=lambda x: isinstance(x, tuple)
+        )
+        for name in params
     }
+
+
+def layer_scales(params, decay: float) -> dict:
+    """Per-leaf learning-rate factor ``decay ** (depth + 1 - layer)`` (:func:`layer_ids`): 1 for
+    the top of each tower, ``decay ** (depth + 1)`` for its embeddings."""
+    return jax.tree.map(
+        lambda ld: float(decay) ** (ld[1] + 1 - ld[0]),
+        layer_ids(params),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def decay_mask(params):
@@ -70,6 +147,14 @@ def make_optimizer(
     for key in multipliers:
         if key not in (*TOWERS.values(), HEAD):
             raise ValueError(f"config.optim.tower_lr.{key}: unknown tower; use image/text/region")
+    for key in dict(optim_config.get("unlock", {})):
+        if key not in ("image", "text"):
+            raise ValueError(
+                f"config.optim.unlock.{key}: only the image and text towers have blocks"
+            )
+    layer_decay = float(optim_config.get("layer_decay", 1.0))
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"config.optim.layer_decay={layer_decay}: must lie in (0, 1]")
 
     def adamw(multiplier: float) -> optax.GradientTransformation:
         return optax.adamw(
@@ -90,4 +175,11 @@ def make_optimizer(
     if optim_config.grad_clip and optim_config.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(optim_config.grad_clip))
     chain.append(optax.multi_transform(groups, labels))
+    if layer_decay < 1.0:
+        # AdamW's update (weight decay included) is linear in its learning rate, so scaling the
+        # update per leaf is the per-layer learning rate.
+        scales = layer_scales(params, layer_decay)
+        chain.append(
+            optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, scales))
+        )
     return optax.chain(*chain), lr_fn

@@ -26,6 +26,7 @@ class TrainState(flax.struct.PyTreeNode):
       rng: [] PRNG key data (uint32 [2]) for dropout/augmentation inside the step.
       skipped: [] int32, steps skipped because the loss or gradient was not finite.
       bad_streak: [] int32, consecutive skipped steps (reset by a good one).
+      ema: the exponential moving average of ``params`` (``config.train.ema_decay``), or None.
     """
 
     step: jax.Array
@@ -34,6 +35,17 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array
     skipped: jax.Array
     bad_streak: jax.Array
+    ema: Any = None
+
+
+def ema_update(ema, params, step: jax.Array, decay: float):
+    """``ema`` moved toward ``params`` after update ``step`` (0-based): the decay is
+    ``min(decay, (1 + step) / (10 + step))``, so the average is not anchored to the random
+    init for the first thousands of steps (TensorFlow's ``ExponentialMovingAverage`` with
+    ``num_updates``)."""
+    t = step.astype(jnp.float32)
+    d = jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
 
 
 def init_params(model: nn.Module, rng: jax.Array, example: dict[str, jax.Array]):
@@ -49,6 +61,7 @@ def create(
     rng: jax.Array,
     example: dict[str, jax.Array],
     init_params_fn: Callable[[Any], Any] | None = None,
+    ema: bool = False,
 ) -> TrainState:
     """A fresh state (unsharded; wrap in ``jax.jit`` with ``out_shardings`` to shard it).
 
@@ -58,6 +71,7 @@ def create(
       rng: [2] uint32 PRNG key.
       example: model inputs with the batch shape (values are not used beyond shapes).
       init_params_fn: optional params → params replacing the random init (pretrained weights).
+      ema: keep a moving average of the params, starting from them.
     """
     init_rng, state_rng = jax.random.split(rng)
     params = nn.meta.unbox(init_params(model, init_rng, example))
@@ -71,6 +85,7 @@ def create(
         rng=state_rng,
         skipped=zero,
         bad_streak=zero,
+        ema=jax.tree.map(jnp.copy, params) if ema else None,
     )
 
 
@@ -79,16 +94,18 @@ def shardings(
     tx: optax.GradientTransformation,
     example: dict[str, jax.Array],
     mesh: Mesh,
+    ema: bool = False,
 ) -> tuple[TrainState, TrainState]:
     """The abstract state (shapes) and a matching pytree of ``NamedSharding``.
 
-    Params follow the logical rules of :mod:`region_medclip.sharding`; optimizer moments mirror
-    their params (matched by key path and shape); everything else is replicated.
+    Params (and their moving average, with ``ema``) follow the logical rules of
+    :mod:`region_medclip.sharding`; optimizer moments mirror their params (matched by key path
+    and shape); everything else is replicated.
     """
     rng = jax.random.PRNGKey(0)
     boxed = jax.eval_shape(lambda: init_params(model, rng, example))
     params_sharding = sharding_lib.param_shardings(boxed, mesh)
-    abstract = jax.eval_shape(lambda: create(model, tx, rng, example))
+    abstract = jax.eval_shape(lambda: create(model, tx, rng, example, ema=ema))
     replicated = sharding_lib.replicated(mesh)
 
     opt_state_sharding = _like_params(
@@ -101,6 +118,7 @@ def shardings(
         rng=replicated,
         skipped=replicated,
         bad_streak=replicated,
+        ema=params_sharding if ema else None,
     )
     return abstract, state_sharding
 

@@ -24,7 +24,15 @@ from region_medclip.models.teacher import concept_embeddings
 from region_medclip.train import state as state_lib
 
 # Batch keys the loss reads besides the embeddings.
-_LOSS_BATCH_KEYS = ("roi_mask", "cap_ids", "neg_mask", "labels")
+_LOSS_BATCH_KEYS = (
+    "roi_mask",
+    "cap_ids",
+    "neg_mask",
+    "labels",
+    "report_neg_mask",
+    "has_image",
+    "has_text",
+)
 
 
 def _apply(model, params, method, *args):
@@ -79,45 +87,55 @@ def sharded_total_loss(mesh: Mesh, loss_config, **kwargs):
 
 def make_loss_fn(model, config, mesh: Mesh, teacher=None) -> Callable:
     """``loss_fn(params, batch, teacher_params) → (loss, metrics)`` of the global batch."""
-    loss_config = config.loss
-    distill = teacher is not None and loss_config.lambda_ > 0
 
     def loss_fn(params, batch, teacher_params):
-        out = forward(model, params, batch, loss_config)
-        loss_batch = {k: batch[k] for k in _LOSS_BATCH_KEYS if k in batch}
-        # Uncertain (−1) findings count as absent in the label-similarity loss (U-zeros).
-        loss_batch["labels"] = jnp.maximum(batch["labels"], 0.0)
-        student_logits = teacher_logits = None
-        if distill:
-            temperature = config.teacher.temperature
-            concepts = concept_embeddings(model, params, teacher.concept_tokens)
-            student_logits = jnp.einsum("nrd,cd->nrc", out["zroi"], concepts) / temperature
-            teacher_logits = teacher.logits(
-                teacher_params, batch["images"], batch["boxes"], batch["roi_mask"], temperature
-            )
-        return sharded_total_loss(
-            mesh,
-            loss_config,
-            out=out,
-            batch=loss_batch,
-            student_logits=student_logits,
-            teacher_logits=teacher_logits,
-        )
+        out = forward(model, params, batch, config.loss)
+        return batch_loss(model, config, mesh, teacher, out, params, batch, teacher_params)
 
     return loss_fn
 
 
+def batch_loss(model, config, mesh: Mesh, teacher, out, params, batch, teacher_params):
+    """``(loss, metrics)`` of the model outputs ``out`` (:func:`forward`) of ``batch``; ``params``
+    and ``teacher_params`` serve the distillation term only."""
+    loss_config = config.loss
+    loss_batch = {k: batch[k] for k in _LOSS_BATCH_KEYS if k in batch}
+    # Uncertain (−1) findings count as absent in the label-similarity loss (U-zeros).
+    loss_batch["labels"] = jnp.maximum(batch["labels"], 0.0)
+    student_logits = teacher_logits = None
+    if teacher is not None and loss_config.lambda_ > 0:
+        temperature = config.teacher.temperature
+        concepts = concept_embeddings(model, params, teacher.concept_tokens)
+        student_logits = jnp.einsum("nrd,cd->nrc", out["zroi"], concepts) / temperature
+        teacher_logits = teacher.logits(
+            teacher_params, batch["images"], batch["boxes"], batch["roi_mask"], temperature
+        )
+    return sharded_total_loss(
+        mesh,
+        loss_config,
+        out=out,
+        batch=loss_batch,
+        student_logits=student_logits,
+        teacher_logits=teacher_logits,
+    )
+
+
+def _split(x: jax.Array, accum: int) -> jax.Array:
+    """``[n, ...] → [accum, n / accum, ...]``, micro-batch j taking rows j, j + accum, ...: each
+    keeps the batch's layout over devices (every device holds ``1 / accum`` of its rows)."""
+    return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _unsplit(x: jax.Array) -> jax.Array:
+    """The inverse of :func:`_split`: ``[accum, m, ...] → [accum · m, ...]`` in batch order."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
 def make_gradients_fn(loss_fn: Callable, accum: int, batch_sharding) -> Callable:
     """``gradients(params, batch, teacher_params) → (loss, metrics, grads)``, averaged over
-    ``accum`` micro-batches (each a strided ``1/accum`` of the batch, with its own negatives)."""
+    ``accum`` micro-batches, each with its own negatives only (``train.accum_negatives=micro``;
+    :func:`make_cached_gradients_fn` keeps the whole batch's)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def micro_batches(batch):
-        # Strided split: micro-batch j takes rows j, j + k, ...; each keeps the layout over devices.
-        def split(x):
-            return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-
-        return jax.tree.map(split, batch)
 
     def gradients(params, batch, teacher_params):
         if accum == 1:
@@ -132,16 +150,75 @@ def make_gradients_fn(loss_fn: Callable, accum: int, batch_sharding) -> Callable
             acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
             return acc, None
 
-        zeros = jax.eval_shape(
-            grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches(batch)), teacher_params
-        )
+        micro = jax.tree.map(lambda x: _split(x, accum), batch)
+        zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), teacher_params)
         zeros = jax.tree.map(
             lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1], zeros[1])
         )
-        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro_batches(batch))
+        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
         return jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
 
     return gradients
+
+
+def make_cached_gradients_fn(
+    embed: Callable, loss_of: Callable, accum: int, batch_sharding
+) -> Callable:
+    """Gradient accumulation that keeps the global batch's negatives (GradCache, Gao et al.
+    2021; open_clip's ``accum_freq``): ``gradients(params, batch, teacher_params) → (loss,
+    metrics, grads)`` equal to the full batch's, with the activations of one micro-batch live.
+
+    1. ``embed(params, micro) → out`` runs on each of ``accum`` micro-batches without gradients;
+       their embeddings are put back in batch order (a few KiB a row).
+    2. ``loss_of(out, params, batch, teacher_params) → (loss, metrics)`` over the whole batch,
+       and its gradient with respect to every embedding (and to ``params`` directly, which only
+       the distillation term's concept embeddings use).
+    3. Each micro-batch runs again with gradients, its embeddings' cotangents taken from step 2
+       (a VJP); the param gradients add up to the full batch's. The scalars every micro-batch
+       returns (``logit_scale``, ``logit_bias``) get ``1 / accum`` of theirs each time.
+    """
+
+    def constrain(tree):
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), tree)
+
+    def gradients(params, batch, teacher_params):
+        micro = jax.tree.map(lambda x: _split(x, accum), batch)
+        outs = jax.lax.map(lambda m: embed(jax.lax.stop_gradient(params), constrain(m)), micro)
+        # Scalars come back once per micro-batch ([accum]); embeddings [accum, n / accum, ...].
+        full = {k: v[0] if v.ndim == 1 else constrain(_unsplit(v)) for k, v in outs.items()}
+        (loss, metrics), (cotangent, direct) = jax.value_and_grad(
+            lambda o, p: loss_of(o, p, batch, teacher_params), argnums=(0, 1), has_aux=True
+        )(full, params)
+        cotangents = {
+            k: jnp.broadcast_to(v / accum, (accum,)) if v.ndim == 0 else _split(v, accum)
+            for k, v in cotangent.items()
+        }
+
+        def replay(grads, item):
+            m, ct = item
+            _, vjp = jax.vjp(lambda p: embed(p, constrain(m)), params)
+            return jax.tree.map(jnp.add, grads, vjp(ct)[0]), None
+
+        grads, _ = jax.lax.scan(replay, direct, (micro, cotangents))
+        return loss, metrics, grads
+
+    return gradients
+
+
+def step_gradients(model, config, mesh: Mesh, teacher=None) -> Callable:
+    """``gradients(params, batch, teacher_params) → (loss, metrics, grads)`` of a train step,
+    over ``config.train.grad_accum`` micro-batches that meet the whole batch's negatives
+    (``train.accum_negatives=global``) or only their own (``micro``)."""
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    accum = int(config.train.grad_accum)
+    if accum > 1 and config.train.get("accum_negatives", "global") == "global":
+        return make_cached_gradients_fn(
+            lambda params, micro: forward(model, params, micro, config.loss),
+            functools.partial(batch_loss, model, config, mesh, teacher),
+            accum,
+            batch_sharding,
+        )
+    return make_gradients_fn(make_loss_fn(model, config, mesh, teacher), accum, batch_sharding)
 
 
 def _fingerprint(texts: jax.Array) -> jax.Array:
@@ -151,10 +228,13 @@ def _fingerprint(texts: jax.Array) -> jax.Array:
     return jnp.sum(texts * weights)
 
 
-def _guarded_update(state: state_lib.TrainState, loss, grads, tx, clamp: bool):
-    """The optimizer update of ``state`` by ``grads``, kept only if ``loss`` and the gradient
-    norm are finite (a non-finite step is counted in ``skipped`` / ``bad_streak``); returns the
-    new state and ``grad_norm``, ``skipped_steps``, ``bad_streak``, ``nonfinite``."""
+def _guarded_update(
+    state: state_lib.TrainState, loss, grads, tx, clamp: bool, ema_decay: float = 0.0
+):
+    """The optimizer update of ``state`` by ``grads`` (and of the params' moving average, when
+    the state keeps one), kept only if ``loss`` and the gradient norm are finite (a non-finite
+    step is counted in ``skipped`` / ``bad_streak``); returns the new state and ``grad_norm``,
+    ``skipped_steps``, ``bad_streak``, ``nonfinite``."""
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -163,7 +243,11 @@ def _guarded_update(state: state_lib.TrainState, loss, grads, tx, clamp: bool):
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
     bad = (~ok).astype(jnp.int32)
+    ema = state.ema
+    if ema is not None:
+        ema = keep(state_lib.ema_update(ema, params, state.step, ema_decay), ema)
     new_state = state.replace(
+        ema=ema,
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
@@ -201,13 +285,13 @@ def make_train_step(
     (``chex.assert_max_traces``): a retrace between steps would recompile the whole model.
     """
     clamp = config.loss.global_kind != "sigmoid"  # softmax-style scale clamped to [0, log 100]
+    ema_decay = float(config.train.get("ema_decay", 0.0))
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    loss_fn = make_loss_fn(model, config, mesh, teacher)
-    gradients = make_gradients_fn(loss_fn, int(config.train.grad_accum), batch_sharding)
+    gradients = step_gradients(model, config, mesh, teacher)
 
     def train_step(state: state_lib.TrainState, batch, teacher_params):
         loss, metrics, grads = gradients(state.params, batch, teacher_params)
-        new_state, update_metrics = _guarded_update(state, loss, grads, tx, clamp)
+        new_state, update_metrics = _guarded_update(state, loss, grads, tx, clamp, ema_decay)
         metrics = {
             **metrics,
             **update_metrics,
