@@ -60,6 +60,7 @@ SHARED_FIXTURE_MODULES = ("tests/evaluators_run_test.py",)
 HEAVY_FIRST = (
     "tests/sharding_test.py",
     "tests/train_step_test.py",
+    "tests/train_accum_test.py",
     "tests/evaluators_run_test.py",
     "tests/checkpointing_test.py",
     "tests/train_loop_test.py",

@@ -90,6 +90,7 @@ def test_a_source_that_is_not_there_is_named(synth_data_dir):
         _iterator(synth_data_dir, "synth_cxr,nosuch")
 
 
+@pytest.mark.slow
 def test_unpaired_rows_train_the_medclip_loss_only(synth_data_dir, tmp_path):
     c = micro_config.config(synth_data_dir, **{"train.total_steps": 2})
     c.data.train = THIRDS

@@ -41,17 +41,27 @@ def _assert_close(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=atol, err_msg=str(path))
 
 
+def test_accumulated_step_equals_the_full_batch():
+    """The softmax loss with the region terms and hard-negative reports, 2 micro-batches."""
+    batch = micro_config.random_batch(_config("softmax", 1), seed=3)
+    _assert_close(
+        _gradients(_config("softmax", 2), batch), _gradients(_config("softmax", 1), batch)
+    )
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind,accum",
-    [("softmax", 2), ("softmax", 4), ("sigmoid", 2), ("medclip", 2), ("dhn_nce", 2)],
+    [("softmax", 4), ("sigmoid", 2), ("sigmoid", 4), ("medclip", 4), ("dhn_nce", 4)],
 )
-def test_accumulated_step_equals_the_full_batch(kind, accum):
+def test_accumulated_step_equals_the_full_batch_for_every_loss(kind, accum):
     """Every global loss with the region terms (and, for softmax, hard-negative reports)."""
     batch = micro_config.random_batch(_config(kind, 1), seed=3)
     full = _gradients(_config(kind, 1), batch)
     _assert_close(_gradients(_config(kind, accum), batch), full)
 
 
+@pytest.mark.slow
 def test_accumulation_with_own_negatives_differs():
     """``accum_negatives=micro`` (each micro-batch its own negatives) is another loss: the
     check above can tell the two apart."""
@@ -62,12 +72,6 @@ def test_accumulation_with_own_negatives_differs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sigmoid", "medclip", "dhn_nce"])
-def test_accumulated_step_equals_the_full_batch_four_ways(kind):
-    batch = micro_config.random_batch(_config(kind, 1), seed=4)
-    _assert_close(_gradients(_config(kind, 4), batch), _gradients(_config(kind, 1), batch))
-
-
 def test_accumulated_train_step_runs_with_ema():
     """The whole jitted step with accumulation, the moving average and its guard."""
     c = _config("softmax", 2)
