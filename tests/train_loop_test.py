@@ -108,6 +108,46 @@ def test_teacher_is_frozen_and_outside_optimizer(synth_data_dir, tmp_path):
     c.train.total_steps = 2
     result = train.train_and_evaluate(c, str(tmp_path / "student"))
     assert result["distill/loss"] > 0
+    # Accumulated with the whole batch's negatives, distillation included, as the full batch.
+    from train_accum_test import _assert_close
+
+    c.data.batch_size = 16
+    batch = micro_config.random_batch(c, 5)
+    full = _step_gradients(c, batch, teacher)
+    c.train.grad_accum = 2
+    _assert_close(_step_gradients(c, batch, teacher), full)
+
+
+def _step_gradients(c, batch, teacher):
+    mesh, run, state = micro_config.step_setup(c)
+    fn = jax.jit(train.step.step_gradients(run.model, c, mesh, teacher))
+    sharding = sharding_lib.batch_sharding(mesh)
+    batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return jax.device_get(
+        sharding_lib.with_logical_rules(fn, mesh)(state.params, batch, teacher.params)
+    )
+
+
+@pytest.mark.slow
+def test_ema_is_saved_evaluated_and_loaded(synth_data_dir, tmp_path):
+    """train.ema_decay: the average is checkpointed, evaluated beside the params as
+    ema/<evaluator>, and read by load(W, params="ema"); a run without one says so."""
+    import region_medclip
+
+    c = micro_config.get_config(f"data_dir={synth_data_dir},evals")
+    c.train.update(total_steps=2, ema_decay=0.9)
+    workdir = str(tmp_path / "ema")
+    result = train.train_and_evaluate(c, workdir)
+    assert "ema/zero_shot" in result["eval"] and "zero_shot" in result["eval"]
+    stored = json.loads((tmp_path / "ema" / "eval" / "2.json").read_text())
+    assert "ema/retrieval" in stored
+    raw, ema = region_medclip.load(workdir), region_medclip.load(workdir, params="ema")
+    pairs = zip(jax.tree.leaves(raw.params), jax.tree.leaves(ema.params), strict=True)
+    assert not all(np.array_equal(a, b) for a, b in pairs)
+    plain = str(tmp_path / "plain")
+    train.train_and_evaluate(config(synth_data_dir, **{"train.total_steps": 1}), plain)
+    with pytest.raises(ValueError, match="holds no ema"):
+        region_medclip.load(plain, params="ema")
 
 
 @pytest.mark.slow
