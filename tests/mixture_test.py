@@ -88,6 +88,8 @@ def test_weights_set_the_shares_and_resume_is_exact(synth_data_dir):
 def test_a_source_that_is_not_there_is_named(synth_data_dir):
     with pytest.raises(ValueError, match="source 'nosuch'"):
         _iterator(synth_data_dir, "synth_cxr,nosuch")
+    with pytest.raises(ValueError, match="source 'mimic_cxr@texts'.*is not prepared"):
+        _iterator(synth_data_dir, "synth_cxr,mimic_cxr@texts")
 
 
 @pytest.mark.slow

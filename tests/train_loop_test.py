@@ -164,3 +164,10 @@ def test_init_from_checkpoint(synth_data_dir, tmp_path):
     bad = config(synth_data_dir, **{"model.init_from": source, "model.embed_dim": 16})
     with pytest.raises(ValueError, match="config.model.init_from"):
         train.train_and_evaluate(bad, str(tmp_path / "c"))
+
+
+def test_accumulation_that_does_not_divide_the_batch_is_named(synth_data_dir, tmp_path):
+    """Before anything compiles: 8 films on 8 devices cannot split 3 ways."""
+    c = config(synth_data_dir, **{"train.grad_accum": 3})
+    with pytest.raises(ValueError, match=r"config.data.batch_size=8 .*config.train.grad_accum=3"):
+        train.train_and_evaluate(c, str(tmp_path / "run"))
