@@ -14,7 +14,17 @@ from PIL import Image
 
 from region_medclip.evaluators import plots, registry, run
 
-KINDS = ("zero_shot", "retrieval", "regions", "grounding", "modality_gap")
+KINDS = (
+    "zero_shot",
+    "retrieval",
+    "regions",
+    "grounding",
+    "modality_gap",
+    "multiclass",
+    "linear_probe",
+    "fewshot",
+    "phrase_grounding",
+)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -47,9 +57,12 @@ def test_eval_config_defaults_and_errors():
         typo=dict(kind="grounding", treshold=0.3),
     )
     cfg = run.eval_config(config, "zs")
-    common = dict(kind="zero_shot", every=5, split="test", max_examples=0, batch_size=64)
-    assert cfg == dict(common, prompts="sentences", negatives="prompts", bootstrap=1000)
-    assert registry.options(cfg) == dict(prompts="sentences", negatives="prompts", bootstrap=1000)
+    common = dict(
+        kind="zero_shot", every=5, dataset=None, split="test", max_examples=0, batch_size=64
+    )
+    own = dict(prompts="sentences", negatives="prompts", bootstrap=1000, classes=(), class_names=())
+    assert cfg == dict(common, **own)
+    assert registry.options(cfg) == own
     # One line may set a key for every evaluator: the kinds that do not read it ignore it.
     cfg = run.eval_config(config, "ret")
     assert cfg["every"] == 0 and registry.options(cfg) == {}
@@ -83,22 +96,31 @@ def test_evaluate_dispatches_each_configured_kind(monkeypatch, tmp_path):
     _fake_evaluators(monkeypatch, calls)
 
     def embed_split(model, params, data_config, *, split, batch_size, grid, max_examples):
-        embedded.append((split, batch_size, grid, max_examples))
+        embedded.append((data_config.eval, split, batch_size, grid, max_examples))
         return {"zimg": np.zeros((3 if split == "test" else 2, 4))}
 
     monkeypatch.setattr(run.embeddings_lib, "embed_split", embed_split)
     monkeypatch.setattr(run, "patch_grid", lambda model, config: 4)
     paired = dict(kind="zero_shot", negatives="normal", split="validation")
-    config = _config(**{kind: dict(kind=kind) for kind in KINDS}, paired=paired)
+    other = dict(kind="retrieval", dataset="roco")  # another dataset: its own embedding pass
+    config = _config(**{kind: dict(kind=kind) for kind in KINDS}, paired=paired, other=other)
     results = run.evaluate(config, None, None, plot_dir=str(tmp_path / "plots"))
     names = list(config.evals)  # the config's order (a ConfigDict sorts its keys)
-    assert list(results) == names and len(names) == 6
+    assert list(results) == names and len(names) == len(KINDS) + 2
     assert [results[n]["examples"] for n in names] == [2.0 if n == "paired" else 3.0 for n in names]
-    assert sorted(embedded) == [("test", 64, 4, 0), ("validation", 64, 4, 0)]  # one pass a split
+    assert sorted(embedded) == [  # one pass a dataset and split
+        ("roco", "test", 64, 4, 0),
+        ("synth_cxr", "test", 64, 4, 0),
+        ("synth_cxr", "validation", 64, 4, 0),
+    ]
     runs = dict(zip(names, (c[1:] for c in calls if c[0] == "run"), strict=True))
-    assert {n: r[0] for n, r in runs.items()} == {**{k: k for k in KINDS}, "paired": "zero_shot"}
-    assert all(r[1:4] == ("test", "synth_cxr", 4) for n, r in runs.items() if n != "paired")
-    assert runs["zero_shot"][4] == dict(prompts="templates", negatives="prompts", bootstrap=1000)
+    expected = {**{k: k for k in KINDS}, "paired": "zero_shot", "other": "retrieval"}
+    assert {n: r[0] for n, r in runs.items()} == expected
+    assert all(r[1:4] == ("test", "synth_cxr", 4) for n, r in runs.items() if n in KINDS)
+    assert runs["other"][1:4] == ("test", "roco", 4)
+    assert runs["zero_shot"][4] == dict(
+        prompts="templates", negatives="prompts", bootstrap=1000, classes=(), class_names=()
+    )
     assert runs["grounding"][4] == dict(threshold=0.5, tolerance=0.0)
     assert runs["paired"][1] == "validation" and runs["paired"][4]["negatives"] == "normal"
     assert all(runs[k][4] == {} for k in ("retrieval", "regions", "modality_gap"))
@@ -112,6 +134,8 @@ def test_evaluate_dispatches_each_configured_kind(monkeypatch, tmp_path):
     assert run.evaluate(config, None, None, names=[]) == {}
     with pytest.raises(ValueError, match="config.evals.bad.kind"):
         run.evaluate(_config(bad=dict(kind="nope")), None, None)
+    with pytest.raises(KeyError, match="config.evals.bad.dataset: unknown dataset 'nope'"):
+        run.evaluate(_config(bad=dict(kind="retrieval", dataset="nope")), None, None)
 
 
 def test_write_saves_json_and_scalars_and_returns_the_table(tmp_path):

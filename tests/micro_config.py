@@ -49,8 +49,15 @@ def get_config(arg: str | None = None):
     c.train.ckpt_every = 2
     c.train.keep = 10
     if args.evals:  # every evaluator on 12 test films
-        for kind in ("zero_shot", "retrieval", "regions", "grounding", "modality_gap"):
+        kinds = ("zero_shot", "retrieval", "regions", "grounding", "modality_gap", "multiclass")
+        for kind in (*kinds, "phrase_grounding"):
             c.evals[kind] = dict(kind=kind, every=2, max_examples=12, batch_size=8, bootstrap=20)
+        # The probes train on 24 films of the train split (a second embedding pass).
+        probes = dict(every=2, max_examples=12, batch_size=8, train_examples=24)
+        c.evals.linear_probe = dict(kind="linear_probe", fractions=(0.5, 1.0), seeds=(0, 1))
+        c.evals.fewshot = dict(kind="fewshot", shots=(1, 2))
+        for name in ("linear_probe", "fewshot"):
+            c.evals[name].update(probes)
     return c
 
 

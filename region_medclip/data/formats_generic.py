@@ -14,7 +14,9 @@ Generic (``root`` = a ``.csv`` / ``.jsonl`` file, or a folder holding exactly on
 
 ``image`` is relative to the file's folder; ``boxes`` is a JSON list of ``[x1, y1, x2, y2]`` in
 pixels; ``box_captions`` / ``box_labels`` / ``labels`` JSON lists (in JSONL, plain lists);
-``id`` defaults to ``image``, ``patient_id`` to ``id``, ``split`` to a patient-level split.
+``id`` defaults to ``image`` (rows of one image are all kept, as ``image#2``, ...; a repeated
+explicit ``id`` is skipped as a duplicate), ``patient_id`` to ``id``, ``split`` to a
+patient-level split.
 """
 
 import json
@@ -134,12 +136,17 @@ def read_generic(
 
 
 def _generic_records(ctx, path, rows, num_labels):
+    seen: dict[str, int] = {}  # id → rows seen with it (before the split filter: same ids in
+    # every pass)
     for number, row in rows:
         record_id = f"{path.name}:{number}"
         if isinstance(row, Exception):
             ctx.skip(record_id, f"bad row: {row}")
             continue
-        record_id = str(row.get("id") or row.get("image") or record_id)
+        record_id, duplicate = _row_id(row, record_id, seen)
+        if duplicate:
+            ctx.skip(f"{path.name}:{number}", f"duplicate id: {record_id!r} is on an earlier row")
+            continue
         with ctx.row(record_id):
             for name in GENERIC_REQUIRED:
                 if name not in row:  # JSONL rows may lack a key the first row had
@@ -154,6 +161,24 @@ def _generic_records(ctx, path, rows, num_labels):
             record = _generic_record(ctx, path, row, record_id, labels)
             if record is not None:
                 yield record
+
+
+def _row_id(row: dict, fallback: str, seen: dict[str, int]) -> tuple[str, bool]:
+    """``(id, is_duplicate)`` of a row. Without an ``id`` column a row is named by its image;
+    several rows of one image (one film, several reports) are all kept, the second as
+    ``image#2`` and so on (same patient, so same split). A repeated explicit ``id`` is a
+    duplicate."""
+    explicit = str(row.get("id") or "")
+    base = explicit or str(row.get("image") or fallback)
+    count = seen.get(base, 0) + 1
+    seen[base] = count
+    if count == 1:
+        return base, False
+    if explicit:
+        return base, True
+    if not row.get("patient_id"):
+        row["patient_id"] = base
+    return f"{base}#{count}", False
 
 
 def _generic_record(ctx, path, row, record_id, labels) -> schema.Record | None:

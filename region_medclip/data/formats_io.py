@@ -11,6 +11,7 @@ value) go through :class:`ReadContext`: the row is skipped, counted by reason an
 with its id; with ``strict=True`` the first one raises instead.
 """
 
+import collections
 import contextlib
 import csv
 import functools
@@ -52,13 +53,12 @@ class ReadCounter(schema.SkipCounter):
 
     def __init__(self, source: str, strict: bool = False, log: logging.Logger | None = None):
         super().__init__(source, strict=strict, log=log)
-        self.repairs: dict[str, int] = {}
+        self.repairs: collections.Counter[str] = collections.Counter()
 
     def repair(self, record_id: str, reason: str) -> None:
-        """Counts one repaired record and warns with its id."""
-        key = reason.split(":")[0]
-        self.repairs[key] = self.repairs.get(key, 0) + 1
-        self._log.warning(f"{self.source}: record {record_id!r}: {reason}")
+        """Counts one repaired record (once per record and reason) and warns with its id."""
+        if self._first(record_id, reason, counts=self.repairs):
+            self._log.warning(f"{self.source}: record {record_id!r}: {reason}")
 
 
 class Records(Iterator[schema.Record]):
@@ -85,11 +85,13 @@ class ReadContext:
         *,
         split: str | None = None,
         verify_images: bool = True,
+        count_only: bool = False,
     ):
         self.source = source
         self.counter = counter
         self.split = split
         self.verify_images = verify_images
+        self.count_only = count_only
 
     def skip(self, record_id: str, reason: str) -> None:
         """Skips one record (counted, warned; raises ``DataError`` when strict)."""
@@ -116,8 +118,14 @@ class ReadContext:
         Returns:
           ``(image, (H, W))``: the encoded bytes as on disk for PNG/JPEG (decoded once to check
           them, which catches corrupt and truncated files), or uint8 ``[H, W]`` for DICOM;
-          None when the record was skipped.
+          None when the record was skipped. With ``count_only`` (a first pass that counts the
+          records to come) the file is not read: ``(b"", (1, 1))`` when it exists.
         """
+        if self.count_only:
+            if not path.is_file():
+                self.skip(record_id, f"missing image: {path}")
+                return None
+            return b"", (1, 1)
         try:
             data = path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -172,8 +180,10 @@ def reader(source: str) -> Callable:
     """Decorates ``open_fn(root, ctx, **options)`` into the public reader signature.
 
     The public form is ``read(root, *, strict=False, counter=None, split=None,
-    verify_images=True, **options) -> Records``: ``split`` keeps one split (rows of other splits
-    are dropped before their images are read), ``verify_images=False`` skips the decode check.
+    verify_images=True, count_only=False, **options) -> Records``: ``split`` keeps one split (rows
+    of other splits are dropped before their images are read), ``verify_images=False`` skips the
+    decode check, ``count_only=True`` reads no image (only whether its file exists) and yields
+    records with empty ``image`` bytes: a fast first pass that counts what a build will read.
     """
 
     def wrap(open_fn: Callable[..., Iterator[schema.Record]]) -> Callable[..., Records]:
@@ -185,6 +195,7 @@ def reader(source: str) -> Callable:
             counter: schema.SkipCounter | None = None,
             split: str | None = None,
             verify_images: bool = True,
+            count_only: bool = False,
             **options: Any,
         ) -> Records:
             counter = counter if counter is not None else ReadCounter(source, strict=strict)
@@ -193,7 +204,9 @@ def reader(source: str) -> Callable:
             root = epath.Path(root)
             if not root.exists():
                 raise schema.DataError(f"{source}: {root} does not exist")
-            ctx = ReadContext(source, counter, split=split, verify_images=verify_images)
+            ctx = ReadContext(
+                source, counter, split=split, verify_images=verify_images, count_only=count_only
+            )
             return Records(open_fn(root, ctx, **options), counter)
 
         return read

@@ -26,7 +26,7 @@ def source(name: str, split: str, data_config) -> Any:
     """Random-access source of schema records for ``name`` / ``split`` (its registry entry's:
     ``synth_cxr`` is built on first use at ``data.image_size``; other names must have been
     prepared with their builder into ``data.data_dir``)."""
-    return registry.get(name).data_source(split, data_config)
+    return registry.get(name, data_config.data_dir).data_source(split, data_config)
 
 
 class _CountingBatch(grain.IterDataset):

@@ -9,9 +9,12 @@ read entries from here; nothing else branches on a dataset's name.
 """
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from etils import epath
 
 from region_medclip.data.prompts import template_prompts
 
@@ -37,6 +40,7 @@ class Dataset:
       prompt_sets: extra zero-shot prompt sets by name; ``templates`` is every dataset's.
       concepts: ``() → [K]`` distillation concept phrases; default: the label names.
       source: ``(split, data_config) → random-access source``; default: a prepared builder.
+      config: the builder config this entry reads ("" for the builder's default).
     """
 
     name: str
@@ -46,6 +50,7 @@ class Dataset:
     prompt_sets: Mapping[str, PromptFn] = dataclasses.field(default_factory=dict)
     concepts: Callable[[], list[str]] | None = None
     source: Callable[[str, Any], Any] | None = None
+    config: str = ""
 
     def class_names(self) -> list[str]:
         """``[C]`` lower-case label names, in the order of the ``labels`` vectors.
@@ -96,12 +101,13 @@ class Dataset:
             return self.source(split, data_config)
         data_dir = os.path.expanduser(data_config.data_dir)
         # Our own class, not tfds.data_source(name): TFDS ships a different `chexpert` builder.
-        builder = self.builder()(data_dir=data_dir, file_format="array_record")
+        kwargs = dict(config=self.config) if self.config else {}
+        builder = self.builder()(data_dir=data_dir, file_format="array_record", **kwargs)
         if not builder.is_prepared():
             raise FileNotFoundError(
-                f"config.data: dataset {self.name!r} is not prepared in {data_dir}; build it "
-                f"first with its builder's download_and_prepare (see "
-                f"MANUAL_DOWNLOAD_INSTRUCTIONS)"
+                f"config.data: dataset {self.name!r} is not prepared in {data_dir}; prepare "
+                f"it first: python -m region_medclip.prepare --dataset={self.name} "
+                f"--manual_dir=DIR --data_dir={data_config.data_dir}"
             )
         return builder.as_data_source(split=split)
 
@@ -116,12 +122,38 @@ def _real_builder(name: str) -> Callable[[], type]:
 
 
 def _real_entries() -> dict[str, Dataset]:
-    from region_medclip.data import formats
+    from region_medclip.data import formats, prompts_chexpert
 
-    return {
-        name: Dataset(name, _real_builder(name), label_names=labels)
+    # Datasets labelled with CheXpert's observations take GLoRIA's / MedCLIP's prompts.
+    chexpert_sets = {
+        "combinatorial": prompts_chexpert.chexpert_prompts,
+        "combinatorial_all": prompts_chexpert.chexpert_all_prompts,
+    }
+    entries = {
+        name: Dataset(
+            name,
+            _real_builder(name),
+            label_names=labels,
+            prompt_sets=chexpert_sets if labels == formats.CHEXPERT_LABELS else {},
+        )
         for name, labels in formats.LABEL_NAMES.items()
     }
+    entries["csv"] = dataclasses.replace(entries["csv"], source=_unnamed_csv)
+    # The CheXpert 5x200 evaluation subset (GLoRIA, MedCLIP): the builder's "5x200" config,
+    # a test split of 200 frontal train images for each competition finding.
+    entries["chexpert_5x200"] = dataclasses.replace(
+        entries["chexpert"], name="chexpert_5x200", config="5x200"
+    )
+    return entries
+
+
+def _unnamed_csv(split: str, data_config) -> Any:
+    """``csv`` is the builder of the user's datasets, not one: each is prepared under a name."""
+    raise FileNotFoundError(
+        "config.data: 'csv' is not a dataset: prepare your CSV/JSONL under a name, python -m "
+        "region_medclip.prepare --dataset=csv --name=NAME --manual_dir=FILE "
+        f"--data_dir={data_config.data_dir}, then set data.train=NAME / data.eval=NAME"
+    )
 
 
 def _synth_builder() -> type:
@@ -166,19 +198,62 @@ _REGISTRY: dict[str, Dataset] = {}
 
 
 def datasets() -> dict[str, Dataset]:
-    """Every registered dataset by name."""
+    """Every registered dataset by name (the user's prepared CSV datasets are found by
+    :func:`get` in a data directory)."""
     if not _REGISTRY:
         _REGISTRY.update({"synth_cxr": _synth_entry(), **_real_entries()})
     return _REGISTRY
 
 
-def get(name: str) -> Dataset:
-    """The entry of dataset ``name``.
+def user_datasets(data_dir: str) -> dict[str, str]:
+    """The user's datasets prepared in ``data_dir`` (``data_dir/csv/<name>/<version>``):
+    ``{name: version folder}``, the newest version of each."""
+    root = epath.Path(os.path.expanduser(data_dir)) / "csv"
+    if not root.is_dir():
+        return {}
+    found = {}
+    for folder in sorted(root.iterdir()):
+        versions = sorted(v for v in folder.iterdir() if (v / "dataset_info.json").exists())
+        if folder.name != "default" and versions:
+            found[folder.name] = str(versions[-1])
+    return found
+
+
+def _user_entry(name: str, folder: str) -> Dataset:
+    """The entry of a prepared user dataset: its label names from the build's metadata."""
+    metadata = epath.Path(folder) / "metadata.json"
+    labels = json.loads(metadata.read_text()).get("label_names") if metadata.exists() else None
+
+    def source(split: str, data_config) -> Any:
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder_from_directory(folder)
+        if split not in builder.info.splits:
+            raise ValueError(
+                f"dataset {name!r} ({folder}) has no {split!r} split; it has "
+                f"{sorted(builder.info.splits)}"
+            )
+        return builder.as_data_source(split=split)
+
+    return Dataset(name, _real_builder("csv"), label_names=tuple(labels or ()), source=source)
+
+
+def get(name: str, data_dir: str | None = None) -> Dataset:
+    """The entry of dataset ``name``: a registered one, or a user's dataset prepared in
+    ``data_dir`` (``python -m region_medclip.prepare --dataset=csv --name=NAME``).
 
     Raises:
-      KeyError: naming the known datasets.
+      KeyError: naming the known datasets and the prepare command.
     """
     registry = datasets()
-    if name not in registry:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(registry)}")
-    return registry[name]
+    if name in registry:
+        return registry[name]
+    prepared = user_datasets(data_dir) if data_dir else {}
+    if name in prepared:
+        return _user_entry(name, prepared[name])
+    where = f" or prepared in {data_dir}" if data_dir else ""
+    raise KeyError(
+        f"unknown dataset {name!r}; known{where}: {sorted(registry) + sorted(prepared)}. Your "
+        f"own CSV/JSONL: python -m region_medclip.prepare --dataset=csv --name={name} "
+        f"--manual_dir=FILE"
+    )

@@ -38,13 +38,21 @@ class DataError(ValueError):
 class SkipCounter:
     """Counts skipped records by reason, warning once per record with its id.
 
-    ``strict=True`` raises instead of skipping (the config switch ``data.strict``).
+    A record skipped again for the same reason (a builder reads the source once per split, and
+    a row that fails before its split is known fails in every pass) is counted once.
+    ``examples[reason]`` keeps the first :data:`EXAMPLES` record ids of each reason for the
+    closing summary. ``strict=True`` raises instead of skipping (the config switch
+    ``data.strict``).
     """
+
+    EXAMPLES = 5
 
     def __init__(self, source: str, strict: bool = False, log: logging.Logger | None = None):
         self.source = source
         self.strict = strict
         self.counts: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, list[str]] = {}
+        self._seen: set[tuple[str, str]] = set()
         self._log = log or logging.getLogger("region_medclip.data")
 
     def skip(self, record_id: str, reason: str) -> None:
@@ -52,8 +60,20 @@ class SkipCounter:
         message = f"{self.source}: skipping record {record_id!r}: {reason}"
         if self.strict:
             raise DataError(message)
-        self.counts[reason.split(":")[0]] += 1
-        self._log.warning(message)
+        if self._first(record_id, reason):
+            self._log.warning(message)
+
+    def _first(self, record_id: str, reason: str, counts=None) -> bool:
+        """Counts ``record_id`` under ``reason``'s key unless already counted; True if new."""
+        key = reason.split(":")[0]
+        if (record_id, reason) in self._seen:
+            return False
+        self._seen.add((record_id, reason))
+        (self.counts if counts is None else counts)[key] += 1
+        ids = self.examples.setdefault(key, [])
+        if len(ids) < self.EXAMPLES:
+            ids.append(record_id)
+        return True
 
     @property
     def total(self) -> int:

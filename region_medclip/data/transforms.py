@@ -118,7 +118,8 @@ class Decode(grain.transforms.Map):
 @dataclasses.dataclass
 class ResizePad(grain.transforms.Map):
     """Scales the longer side to ``size`` keeping the aspect ratio, pads to a centred square,
-    and moves the boxes with the image."""
+    and moves the boxes with the image. ``image_box`` (pixel ``xyxy``) is the film's area in
+    the square, so that evaluation can leave the padding out (BioViL's CNR)."""
 
     size: int
 
@@ -135,7 +136,8 @@ class ResizePad(grain.transforms.Map):
         canvas[top : top + new_h, left : left + new_w] = resized
         boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
         boxes = boxes * np.array([new_w / width, new_h / height] * 2) + [left, top, left, top]
-        return {**example, "image": canvas, "boxes": boxes.astype(np.float32)}
+        area = np.array([left, top, left + new_w, top + new_h], np.float32)
+        return {**example, "image": canvas, "boxes": boxes.astype(np.float32), "image_box": area}
 
 
 @dataclasses.dataclass
@@ -170,8 +172,15 @@ class AspectPad(grain.transforms.RandomMap):
         canvas = np.zeros_like(image)
         canvas[top : top + new_h, left : left + new_w] = resized
         boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
-        boxes = boxes * np.array([new_w / size, new_h / size] * 2) + [left, top, left, top]
-        return {**example, "image": canvas, "boxes": boxes.astype(np.float32)}
+        scale_shift = (np.array([new_w / size, new_h / size] * 2), [left, top, left, top])
+        boxes = boxes * scale_shift[0] + scale_shift[1]
+        area = np.asarray(example.get("image_box", [0, 0, size, size]), np.float32)
+        return {
+            **example,
+            "image": canvas,
+            "boxes": boxes.astype(np.float32),
+            "image_box": (area * scale_shift[0] + scale_shift[1]).astype(np.float32),
+        }
 
 
 @dataclasses.dataclass
@@ -293,7 +302,8 @@ class Finalize(grain.transforms.Map):
     Output keys (``L`` = ``text_len``, ``Lc`` = ``caption_len`` or ``L``): ``images [S, S, 3]``
     float32, ``texts [L]``, ``boxes [R, 4]`` normalised xyxy,
     ``roi_mask [R]``, ``captions [R, Lc]``, ``cap_ids [R]``, ``negatives [R, K, Lc]``,
-    ``neg_mask [R, K]``, ``labels [C]``, ``box_labels [R]``; with ``report_negatives = Kr > 0``
+    ``neg_mask [R, K]``, ``labels [C]``, ``box_labels [R]``, ``image_box [4]`` (the film's
+    area in the frame, normalised xyxy); with ``report_negatives = Kr > 0``
     also ``report_negatives [Kr, L]`` and ``report_neg_mask [Kr]`` (the report with a finding,
     side or zone changed: ``negatives.report_negatives``); and the counts ``truncated_rois``
     (boxes past ``max_rois``) and ``truncated_texts`` (texts cut to fit).
@@ -348,6 +358,9 @@ class Finalize(grain.transforms.Map):
             neg_mask=neg_mask,
             labels=np.asarray(example["labels"], np.float32),
             box_labels=box_labels,
+            # The film's area in the square frame, normalised xyxy (padding outside it);
+            # training augmentation does not move it: only evaluation reads it.
+            image_box=np.asarray(example.get("image_box", [0, 0, size, size]), np.float32) / size,
             # Boxes beyond max_rois are not used; the batcher counts them so none go unnoticed.
             truncated_rois=np.int32(len(example["box_captions"]) - count),
             # Reports over text_len and captions or negatives over caption_len, cut to fit.

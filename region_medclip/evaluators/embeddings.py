@@ -48,7 +48,8 @@ def embed_split(
     Returns numpy arrays over the N examples: ``zimg, ztxt [N, D]``, ``zroi, zcap [N, R, D]``,
     ``zpatch [N, grid², D]`` (patch-cell embeddings for grounding), ``roi_mask [N, R]``,
     ``cap_ids [N, R]``, ``captions [N, R, L]`` and ``texts [N, T]`` token ids,
-    ``boxes [N, R, 4]`` normalised, ``box_labels [N, R]``, ``labels [N, C]``,
+    ``boxes [N, R, 4]`` normalised, ``box_labels [N, R]``, ``labels [N, C]``, ``image_box
+    [N, 4]`` (the film's area in the padded square, normalised xyxy),
     ``images [N, S, S]`` (first channel, for overlays), plus ``logit_scale``.
     """
     dataset = pipeline.make_dataset(
@@ -58,6 +59,7 @@ def embed_split(
         lambda p, b: model.apply({"params": p}, b, jnp.asarray(patch_boxes(grid)), method=_encode)
     )
     keep = ("roi_mask", "cap_ids", "boxes", "box_labels", "labels", "captions", "texts")
+    keep += ("image_box",)
     chunks: dict[str, list] = {}
     total = 0
     for batch in pipeline.BatchIterator(dataset):

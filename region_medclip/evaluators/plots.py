@@ -129,3 +129,20 @@ def plot_pca(zimg: np.ndarray, ztxt: np.ndarray, path: str) -> None:
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], path: str) -> None:
+    """A confusion matrix ``[K, K]`` (rows: true class, columns: predicted; row fractions)."""
+    plt = _pyplot()
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.2 * k + 1))
+    ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=1.0)
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -23,11 +23,20 @@ import numpy as np
 from region_medclip.data import registry as data_registry
 from region_medclip.data import tokenizers as tokenizers_lib
 from region_medclip.evaluators import embeddings as embeddings_lib
-from region_medclip.evaluators import grounding, retrieval, zero_shot
+from region_medclip.evaluators import (
+    fewshot,
+    grounding,
+    multiclass,
+    phrase_grounding,
+    probe,
+    retrieval,
+    zero_shot,
+)
 
 # The keys of every ``config.evals.<name>``, with their defaults.
 COMMON = dict(
     every=None,  # None: config.train.eval_every; 0: only from `python -m region_medclip.evaluate`
+    dataset=None,  # a registered or prepared dataset; None: config.data.eval
     split="test",
     max_examples=0,
     batch_size=64,
@@ -62,17 +71,28 @@ class Context:
     """What the evaluators of one embedded split share.
 
     Attributes:
-      dataset: the registry entry of ``config.data.eval``: its label names (``labels [N, C]``),
-        "no finding" class and zero-shot prompt sets.
+      dataset: the registry entry of the evaluated dataset (``config.evals.<name>.dataset``,
+        default ``config.data.eval``): its label names (``labels [N, C]``), "no finding" class
+        and zero-shot prompt sets.
       text: the text tower (``encode``, ``tokenizer``), e.g. a :class:`TextTower`.
       grid: side of the image tower's patch grid (``emb["zpatch"]`` is ``[N, grid², D]``).
       split: the name of the split ``emb`` holds.
+      name: the evaluator's name in ``config.evals`` (for errors naming its keys).
+      embed: ``(split, max_examples) → emb`` of another split of the same dataset (cached by
+        the caller), for evaluators that train on one split and score another (probes).
+      model, params, data_config: the model, its params and ``config.data`` with ``eval`` set
+        to this dataset, for evaluators that run the towers themselves (fine-tuning).
     """
 
     dataset: data_registry.Dataset
     text: Any
     grid: int
     split: str = "test"
+    name: str = ""
+    embed: Callable[[str, int], dict] | None = None
+    model: Any = None
+    params: Any = None
+    data_config: Any = None
 
 
 class Evaluator(NamedTuple):
@@ -90,6 +110,12 @@ KINDS: dict[str, Evaluator] = {
     "regions": Evaluator(retrieval.run_regions, retrieval.plot_regions, {}),
     "grounding": Evaluator(grounding.run, grounding.plot, grounding.OPTIONS),
     "modality_gap": Evaluator(retrieval.run_modality_gap, retrieval.plot_modality_gap, {}),
+    "multiclass": Evaluator(multiclass.run, multiclass.plot, multiclass.OPTIONS),
+    "linear_probe": Evaluator(probe.run, probe.plot, probe.OPTIONS),
+    "fewshot": Evaluator(fewshot.run, fewshot.plot, fewshot.OPTIONS),
+    "phrase_grounding": Evaluator(
+        phrase_grounding.run, phrase_grounding.plot, phrase_grounding.OPTIONS
+    ),
 }
 
 

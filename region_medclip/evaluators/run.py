@@ -19,7 +19,7 @@ from region_medclip.evaluators import embeddings as embeddings_lib
 from region_medclip.evaluators import registry
 from region_medclip.evaluators.registry import eval_config
 
-__all__ = ["eval_config", "evaluate", "patch_grid", "table", "write"]
+__all__ = ["dataset_config", "eval_config", "evaluate", "patch_grid", "table", "write"]
 
 
 def patch_grid(model, config) -> int:
@@ -44,31 +44,47 @@ def evaluate(
     config, model, params, names: list[str] | None = None, plot_dir: str | None = None
 ) -> dict[str, dict]:
     """Runs the evaluators ``names`` (default: all of ``config.evals``); returns their metrics,
-    ``{name: {metric: float}}``, each with ``examples`` (the N of its split). With ``plot_dir``,
-    each evaluator also saves its plot there as ``<name>.png``."""
+    ``{name: {metric: float}}``, each with ``examples`` (the N of its split). Each evaluates
+    its own ``dataset`` (default ``config.data.eval``); evaluators on the same dataset and split
+    share one embedding pass. With ``plot_dir``, each evaluator also saves its plot there as
+    ``<name>.png``."""
     names = list(config.evals) if names is None else names
     if not names:
         return {}
-    dataset = data_registry.get(config.data.eval)
     text = registry.TextTower(model, params, config.data)
     grid = patch_grid(model, config)
     cache: dict[tuple, dict] = {}
     results = {}
     for name in names:
         cfg = eval_config(config, name)
-        key = (cfg["split"], cfg["max_examples"], cfg["batch_size"])
-        if key not in cache:
-            cache[key] = embeddings_lib.embed_split(
-                model,
-                params,
-                config.data,
-                split=cfg["split"],
-                batch_size=cfg["batch_size"],
-                grid=grid,
-                max_examples=cfg["max_examples"],
-            )
-        emb = cache[key]
-        ctx = registry.Context(dataset=dataset, text=text, grid=grid, split=cfg["split"])
+        data_config = dataset_config(config, cfg["dataset"], name)
+
+        def embed(split, max_examples, data_config=data_config, batch_size=cfg["batch_size"]):
+            key = (data_config.eval, split, max_examples, batch_size)
+            if key not in cache:
+                cache[key] = embeddings_lib.embed_split(
+                    model,
+                    params,
+                    data_config,
+                    split=split,
+                    batch_size=batch_size,
+                    grid=grid,
+                    max_examples=max_examples,
+                )
+            return cache[key]
+
+        emb = embed(cfg["split"], cfg["max_examples"])
+        ctx = registry.Context(
+            dataset=data_registry.get(data_config.eval, data_config.get("data_dir")),
+            text=text,
+            grid=grid,
+            split=cfg["split"],
+            name=name,
+            embed=embed,
+            model=model,
+            params=params,
+            data_config=data_config,
+        )
         evaluator, options = registry.KINDS[cfg["kind"]], registry.options(cfg)
         results[name] = {
             **evaluator.run(emb, ctx=ctx, **options),
@@ -78,6 +94,24 @@ def evaluate(
             epath.Path(plot_dir).mkdir(parents=True, exist_ok=True)
             evaluator.plot(emb, str(epath.Path(plot_dir) / f"{name}.png"), ctx=ctx, **options)
     return results
+
+
+def dataset_config(config, dataset: str | None, name: str = "*"):
+    """``config.data`` with ``eval`` set to ``dataset`` (None: left as it is).
+
+    Raises:
+      KeyError: ``config.evals.<name>.dataset`` names neither a registered dataset nor one
+        prepared in ``data.data_dir``.
+    """
+    data_config = config.data.copy_and_resolve_references()
+    if dataset:
+        try:
+            data_registry.get(dataset, data_config.get("data_dir"))
+        except KeyError as err:
+            raise KeyError(f"config.evals.{name}.dataset: {err.args[0]}") from None
+        with data_config.unlocked():
+            data_config.eval = dataset
+    return data_config
 
 
 def write(workdir: str, step: int, results: dict[str, dict], tb=None, suffix: str = "") -> str:

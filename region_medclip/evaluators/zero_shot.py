@@ -40,6 +40,8 @@ OPTIONS = dict(
     prompts="templates",  # a prompt set of the dataset's registry entry
     negatives="prompts",  # each finding's own negations, or "normal" study prompts
     bootstrap=1000,
+    classes=(),  # the findings scored (e.g. CheXpert's five); (): every class
+    class_names=(),  # names of ``labels [C]`` for a dataset that has none (a user's CSV)
 )
 
 
@@ -169,17 +171,66 @@ def evaluate(
     return out
 
 
-def run(emb: dict[str, np.ndarray], *, ctx, prompts, negatives, bootstrap) -> dict[str, float]:
-    """The ``zero_shot`` evaluator: :func:`evaluate` on ``emb["zimg"] [N, D]`` and
-    ``emb["labels"] [N, C]`` with the class names and prompt sets of ``ctx.dataset``.
+def names_of(ctx, given=()) -> list[str]:
+    """``[C]`` names of ``labels``: the dataset's, or ``config.evals.<name>.class_names``.
 
     Raises:
-      ValueError: the dataset has no label names, or an unknown prompt / negative set.
+      ValueError: naming the keys, when neither gives names or they disagree in number.
     """
+    if given:
+        return [str(n).lower() for n in given]
+    if not ctx.dataset.label_names:
+        raise ValueError(
+            f"dataset {ctx.dataset.name!r}: no label names for zero-shot evaluation; set "
+            f"config.evals.{ctx.name or '*'}.class_names (or prepare it with --label_names)"
+        )
+    return ctx.dataset.class_names()
+
+
+def selected(names: list[str], classes, key: str) -> list[int]:
+    """Indices of ``classes`` in ``names`` (all of them for ``()``).
+
+    Raises:
+      ValueError: naming ``key`` for a class the dataset does not have.
+    """
+    if not classes:
+        return list(range(len(names)))
+    missing = [c for c in classes if c.lower() not in names]
+    if missing:
+        raise ValueError(f"{key}: {missing} are not classes of the dataset: {names}")
+    return [names.index(c.lower()) for c in classes]
+
+
+def _scored(emb, ctx, classes, given):
+    """``(labels [N, C'], names [C'])`` of the scored classes."""
+    names = names_of(ctx, given)
+    labels = np.asarray(emb["labels"])
+    if labels.shape[1] != len(names):
+        raise ValueError(
+            f"config.evals.{ctx.name or '*'}.class_names: {len(names)} names for "
+            f"{labels.shape[1]} labels"
+        )
+    keep = selected(names, classes, f"config.evals.{ctx.name or '*'}.classes")
+    return labels[:, keep], [names[c] for c in keep]
+
+
+def run(
+    emb: dict[str, np.ndarray], *, ctx, prompts, negatives, bootstrap, classes, class_names
+) -> dict[str, float]:
+    """The ``zero_shot`` evaluator: :func:`evaluate` on ``emb["zimg"] [N, D]`` and
+    ``emb["labels"] [N, C]`` with the class names and prompt sets of ``ctx.dataset`` (only
+    ``classes`` when given).
+
+    Raises:
+      ValueError: the dataset has no label names (and no ``class_names``), an unknown class,
+        prompt or negative set.
+    """
+    ctx.dataset.prompts(prompts, [])  # an unknown prompt set is named before anything else
+    labels, names = _scored(emb, ctx, classes, class_names)
     return evaluate(
         zimg=emb["zimg"],
-        labels=emb["labels"],
-        class_names=ctx.dataset.class_names(),
+        labels=labels,
+        class_names=names,
         encode=ctx.text.encode,
         logit_scale=float(emb["logit_scale"]),
         prompts=prompts,
@@ -189,10 +240,20 @@ def run(emb: dict[str, np.ndarray], *, ctx, prompts, negatives, bootstrap) -> di
     )
 
 
-def plot(emb: dict[str, np.ndarray], path: str, *, ctx, prompts, negatives, bootstrap) -> None:
+def plot(
+    emb: dict[str, np.ndarray],
+    path: str,
+    *,
+    ctx,
+    prompts,
+    negatives,
+    bootstrap,
+    classes,
+    class_names,
+) -> None:
     """ROC curve of each finding class (``bootstrap`` unused: the curves have no CIs)."""
     del bootstrap
-    names = ctx.dataset.class_names()
+    labels, names = _scored(emb, ctx, classes, class_names)
     probs, findings, _ = finding_probabilities(
         zimg=emb["zimg"],
         class_names=names,
@@ -202,4 +263,4 @@ def plot(emb: dict[str, np.ndarray], path: str, *, ctx, prompts, negatives, boot
         negatives=negatives,
         dataset=ctx.dataset,
     )
-    plots.plot_roc(probs, emb["labels"][:, findings], [names[c] for c in findings], path)
+    plots.plot_roc(probs, labels[:, findings], [names[c] for c in findings], path)

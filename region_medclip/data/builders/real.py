@@ -24,7 +24,7 @@ import dataclasses
 import io
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,11 +53,22 @@ class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     SOURCE: ClassVar[str] = ""
     HOMEPAGE: ClassVar[str] = ""
 
-    def __init__(self, *, strict: bool = False, reader_options: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        strict: bool = False,
+        reader_options: dict | None = None,
+        progress: Callable[[dict], None] | None = None,
+        **kwargs,
+    ):
         """Args: ``strict`` fails on the first bad record; ``reader_options`` go to the reader;
-        the rest (``data_dir``, ``file_format``, ``config``, ...) to TFDS."""
+        ``progress`` is called with each record written (``python -m region_medclip.prepare``'s
+        bar); the rest (``data_dir``, ``file_format``, ``config``, ...) to TFDS. After a build,
+        ``counter`` holds what was skipped and repaired, with example ids."""
         self._strict = strict
         self._reader_options = dict(reader_options or {})
+        self._progress = progress
+        self.counter: formats.ReadCounter | None = None
         super().__init__(**kwargs)
 
     def _example_writer(self) -> tfds.core.ExampleWriter:
@@ -86,7 +97,7 @@ class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         root = self._root(dl_manager)
-        counter = formats.ReadCounter(self.name, strict=self._strict)
+        counter = self.counter = formats.ReadCounter(self.name, strict=self._strict)
         generators = {}
         for split in schema.SPLITS:
             # One reader per split (rows of other splits are dropped before their images are
@@ -104,11 +115,14 @@ class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             example = common.to_example(record)
             if isinstance(example["image"], np.ndarray):
                 example["image"] = encode_png(example["image"])
+            if self._progress is not None:
+                self._progress(record)
             yield record["id"], example
         # Splits are generated one after another and share the counter: the last one to finish
         # leaves the totals in the metadata that is written after all splits.
         self.info.metadata["skipped"] = dict(counter.counts)
         self.info.metadata["repaired"] = dict(counter.repairs)
+        self.info.metadata["examples"] = dict(counter.examples)
         if counter.total:
             _log.warning(f"{self.name}: skipped {counter.total} records: {dict(counter.counts)}")
 
@@ -175,7 +189,7 @@ class Chexpert(_ManualBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         if self.builder_config.subset != "5x200":
             return super()._split_generators(dl_manager)
-        counter = formats.ReadCounter(self.name, strict=self._strict)
+        counter = self.counter = formats.ReadCounter(self.name, strict=self._strict)
         records = formats.READERS["chexpert"](
             dl_manager.manual_dir, split="train", counter=counter, frontal_only=True
         )
@@ -238,14 +252,24 @@ class Roco(_ManualBuilder):
 
 @dataclasses.dataclass
 class CsvConfig(tfds.core.BuilderConfig):
-    """``path``: the CSV/JSONL file (or its folder; empty → ``manual_dir``); ``num_labels``: C."""
+    """A user's dataset: ``name`` is the name configs use (``data.train=NAME``); ``path`` the
+    CSV/JSONL file (or its folder; empty → ``manual_dir``); ``label_names`` the names behind
+    its ``labels`` column, in order; ``num_labels`` C when the labels have no names (0: none
+    or ``len(label_names)``)."""
 
     path: str = ""
     num_labels: int = 0
+    label_names: tuple[str, ...] = ()
 
 
 class Csv(_ManualBuilder):
-    """The user's own image–caption data from a CSV or JSONL file (docs/design.md §5.2)."""
+    """The user's own image–caption data from a CSV or JSONL file (docs/design.md §5.2).
+
+    Each prepared config is a dataset of its own, stored in ``data_dir/csv/<name>`` with its
+    label names in the metadata, and registered under ``<name>`` for configs
+    (``data/registry.py``): several coexist. ``python -m region_medclip.prepare
+    --dataset=csv --name=NAME --manual_dir=FILE`` builds one.
+    """
 
     name = "csv"
     SOURCE = "csv"
@@ -253,12 +277,18 @@ class Csv(_ManualBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Write a CSV or JSONL with columns image, caption[, boxes, box_captions, box_labels, "
         "labels, id, patient_id, split] (images relative to the file). Pass "
-        "config=CsvConfig(name=..., path=FILE, num_labels=C), or put the file alone (or as "
+        "config=CsvConfig(name=..., path=FILE, label_names=(...)), or put the file alone (or as "
         "data.csv / data.jsonl) in manual_dir."
     )
 
     def _num_labels(self) -> int:
-        return self.builder_config.num_labels
+        config = self.builder_config
+        return len(config.label_names) or config.num_labels
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        info = super()._info()
+        info.metadata["label_names"] = list(self.builder_config.label_names)
+        return info
 
     def _records(self, root, split, counter):
         options = dict(num_labels=self._num_labels(), **self._reader_options)
