@@ -9,8 +9,12 @@ from region_medclip import config as config_lib
 def get_config(arg: str | None = None):
     """``arg``: ``res=`` image size, ``variant=`` ViT variant, ``steps=`` total steps,
     ``text=bert|clip`` the text tower, ``text_from=`` a ``convert --format=hf_bert`` output to
-    start the text tower from."""
-    args = config_lib.parse_arg(arg, res=96, variant="Ti/16", steps=1500, text="bert", text_from="")
+    start the text tower from, ``data=`` a dataset to train and evaluate on instead of
+    synth_cxr (a registered one, or your own prepared with ``python -m region_medclip.prepare
+    --dataset=csv --name=NAME``)."""
+    args = config_lib.parse_arg(
+        arg, res=96, variant="Ti/16", steps=1500, text="bert", text_from="", data="synth_cxr"
+    )
     c = config_lib.base_config()
     # Attention pooling (MAP) over the patch tokens: the global embedding is built from the same
     # tokens the region losses train, and a learned probe can weigh the few tokens a small
@@ -92,6 +96,17 @@ def get_config(arg: str | None = None):
     # fraction of a 96-px film as 8 px is of a 128-px one.
     c.evals.grounding.tolerance = 8.0
     c.evals.grounding_6px = dict(kind="grounding", tolerance=6.0, max_examples=600, bootstrap=200)
+    if args.data != "synth_cxr":
+        _other_dataset(c, args.data)
     if args.text_from:
         config_lib.init_text_from(c, args.text_from)
     return c
+
+
+def _other_dataset(c, name: str) -> None:
+    """Trains and evaluates on ``name``: synth_cxr's own prompt sets give way to the report
+    templates every dataset has (against the normal-study prompts)."""
+    c.data.train = c.data.eval = name
+    c.data.max_rois = 4
+    c.evals.zero_shot.prompts = "templates"
+    del c.evals["zero_shot_captions"]

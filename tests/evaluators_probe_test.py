@@ -28,7 +28,7 @@ def _ctx(class_names, train_emb, calls=None, **extra):
     dataset = types.SimpleNamespace(
         class_names=lambda: list(class_names), no_finding_index=lambda: -1
     )
-    return types.SimpleNamespace(dataset=dataset, split="test", embed=embed, **extra)
+    return types.SimpleNamespace(dataset=dataset, split="test", name="probe", embed=embed, **extra)
 
 
 def _options(**overrides):
@@ -352,3 +352,19 @@ def test_finetune_option_of_the_probe(tiny_model):
     assert out["train_examples@50%"] == 8.0 and out["eval_examples"] == 10.0
     for key in ("accuracy@50%", "accuracy@100%", "macro_f1@100%"):
         assert 0.0 <= out[key] <= 1.0
+
+
+def test_classes_restricts_the_probe_to_named_findings():
+    x_train, y_train = _multilabel(120, seed=0, uncertain=0.0)
+    x_eval, y_eval = _multilabel(80, seed=1, uncertain=0.0)
+    ctx = _ctx(MULTILABEL_NAMES, dict(zimg=x_train, labels=y_train))
+    evaluation = dict(zimg=x_eval, labels=y_eval)
+    kept = MULTILABEL_NAMES[0:2]
+    out = probe.run(evaluation, ctx=ctx, **_options(fractions=(1.0,), seeds=(0,), classes=kept))
+    # The same probe on the two columns alone, with their names.
+    alone = _ctx(kept, dict(zimg=x_train, labels=y_train[:, 0:2]))
+    columns = dict(zimg=x_eval, labels=y_eval[:, 0:2])
+    expected = probe.run(columns, ctx=alone, **_options(fractions=(1.0,), seeds=(0,)))
+    assert out["auroc@100%"] == expected["auroc@100%"]
+    with pytest.raises(ValueError, match=r"config.evals.probe.classes: \[.pneumonia.\]"):
+        probe.run(evaluation, ctx=ctx, **_options(classes=("pneumonia",)))

@@ -38,6 +38,7 @@ OPTIONS = dict(
     train_examples=0,  # 0: the whole split
     l2_reg=2.0**10,
     task="auto",
+    classes=(),  # the classes probed; (): all
 )
 # The bias feature: big_vision's constant.
 BIAS_FEATURE = 100.0
@@ -128,7 +129,9 @@ def evaluate(
     return out
 
 
-def run(emb, *, ctx, shots, seeds, train_split, train_examples, l2_reg, task) -> dict[str, float]:
+def run(
+    emb, *, ctx, shots, seeds, train_split, train_examples, l2_reg, task, classes
+) -> dict[str, float]:
     """The ``fewshot`` evaluator on ``emb["zimg"] [M, D]`` and ``emb["labels"] [M, C]``,
     trained on ``ctx.embed(train_split, train_examples)`` (see the module docstring).
 
@@ -136,11 +139,14 @@ def run(emb, *, ctx, shots, seeds, train_split, train_examples, l2_reg, task) ->
       ValueError: an unknown ``task``, or the dataset has no label names.
     """
     train = ctx.embed(train_split, train_examples)
-    targets_ = probe.targets(train["labels"], emb["labels"], ctx.dataset.class_names(), task)
+    subset = probe.class_subset(ctx, train["labels"], emb["labels"], classes)
+    targets_ = probe.targets(*subset, task)
     return evaluate(train["zimg"], emb["zimg"], targets_, shots=shots, seeds=seeds, l2_reg=l2_reg)
 
 
-def plot(emb, path: str, *, ctx, shots, seeds, train_split, train_examples, l2_reg, task) -> None:
+def plot(
+    emb, path: str, *, ctx, shots, seeds, train_split, train_examples, l2_reg, task, classes
+) -> None:
     """The metric against the number of shots, error bars one std over seeds (options as in
     :func:`run`)."""
     out = run(
@@ -152,6 +158,7 @@ def plot(emb, path: str, *, ctx, shots, seeds, train_split, train_examples, l2_r
         train_examples=train_examples,
         l2_reg=l2_reg,
         task=task,
+        classes=classes,
     )
     shots = list(shots)
     name = "accuracy" if f"accuracy@{shots[0]}shot" in out else "auroc"

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from region_medclip.evaluators import common, logistic, plots
+from region_medclip.evaluators import common, logistic, plots, zero_shot
 from region_medclip.evaluators import finetune as finetune_lib
 
 __all__ = [
@@ -77,6 +77,7 @@ OPTIONS = dict(
     finetune_steps=200,
     finetune_lr=1e-4,
     finetune_batch=32,
+    classes=(),  # the classes probed (CheXpert: the five competition findings); (): all
 )
 
 
@@ -144,6 +145,19 @@ def targets(train_labels, eval_labels, class_names: list[str], task: str) -> Tar
         eval_labels[:, findings].astype(np.float64),
         np.arange(len(eval_labels)),
     )
+
+
+def class_subset(ctx, train_labels, eval_labels, classes) -> tuple:
+    """``(train labels [N, C'], eval labels [M, C'], names [C'])`` of ``classes`` (all for
+    ``()``) among the dataset's label names.
+
+    Raises:
+      ValueError: the dataset has no label names, or naming an unknown class.
+    """
+    names = ctx.dataset.class_names()
+    keep = zero_shot.selected(names, classes, f"config.evals.{ctx.name or '*'}.classes")
+    train_labels, eval_labels = np.asarray(train_labels), np.asarray(eval_labels)
+    return train_labels[:, keep], eval_labels[:, keep], [names[c] for c in keep]
 
 
 def _round(x: float) -> int:
@@ -349,6 +363,7 @@ def run(
     finetune_steps,
     finetune_lr,
     finetune_batch,
+    classes,
 ) -> dict[str, float]:
     """The ``linear_probe`` evaluator on ``emb["zimg"] [M, D]``, ``emb["labels"] [M, C]``,
     trained on ``ctx.embed(train_split, train_examples)`` (see the module docstring).
@@ -359,7 +374,7 @@ def run(
     # The options as `plot` receives them, to recognise the run it follows.
     options = {key: value for key, value in locals().items() if key in OPTIONS}
     train = ctx.embed(train_split, train_examples)
-    targets_ = targets(train["labels"], emb["labels"], ctx.dataset.class_names(), task)
+    targets_ = targets(*class_subset(ctx, train["labels"], emb["labels"], classes), task)
     if finetune:
         score_fn = finetune_lib.score_fn(
             ctx.model,
@@ -413,6 +428,7 @@ def plot(
     finetune_steps,
     finetune_lr,
     finetune_batch,
+    classes,
 ) -> None:
     """Each metric against the label fraction, error bars one std over seeds (options as in
     :func:`run`; the metrics of the run just before on the same ``emb`` are reused)."""
