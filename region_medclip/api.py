@@ -104,7 +104,9 @@ class Model:
     def dataset_findings(self, dataset: str | None = None) -> list[str]:
         """The finding names of ``dataset`` (default: the run's, ``config.data.eval``), its
         class names less "no finding": the columns :meth:`zero_shot` returns by default."""
-        entry = data_registry.get(dataset or self.zero_shot_settings()["dataset"])
+        entry = data_registry.get(
+            dataset or self.zero_shot_settings()["dataset"], self.config.data.get("data_dir")
+        )
         return [name for name in entry.class_names() if not name.startswith("no ")]
 
     def zero_shot(
@@ -133,7 +135,8 @@ class Model:
         settings = self.zero_shot_settings()
         overrides = dict(prompts=prompts, negatives=negatives, dataset=dataset)
         settings.update({k: v for k, v in overrides.items() if v is not None})
-        entry = data_registry.get(settings["dataset"])
+        # The run's data_dir: a user's dataset is found where it was prepared.
+        entry = data_registry.get(settings["dataset"], self.config.data.get("data_dir"))
         known = entry.class_names() if entry.label_names else []
         if labels is None:
             labels = self.dataset_findings(entry.name)

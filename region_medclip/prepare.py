@@ -137,13 +137,19 @@ def prepare(
     strict: bool = False,
     reader_options: dict | None = None,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> Summary:
     """Builds ``dataset`` from ``manual_dir`` (a folder, or the CSV/JSONL file for ``csv``)
     into ``data_dir``; returns (and saves) its :class:`Summary`.
 
+    A dataset already prepared in ``data_dir`` is not read again (TFDS would keep the old
+    files): without ``overwrite`` it is an error naming the folder, with it the folder is
+    removed and the dataset rebuilt.
+
     Raises:
       DataError: the source cannot be read at all (naming the file and column), no readable
         record, or (``strict``) the first bad record.
+      FileExistsError: the dataset is prepared already and ``overwrite`` is False.
       ValueError: bad arguments (see :func:`builder_for`).
     """
     import tensorflow_datasets as tfds
@@ -166,6 +172,24 @@ def prepare(
         reader_options=reader_options,
         progress=lambda record: bar.update(1) if bar is not None else None,
     )
+    if builder.is_prepared():
+        if not overwrite:
+            raise FileExistsError(
+                f"{name or dataset!r} is prepared already in {builder.data_dir}; pass "
+                "--overwrite to read it again"
+            )
+        epath.Path(builder.data_dir).rmtree()
+        return prepare(
+            dataset,
+            manual_dir,
+            data_dir,
+            name=name,
+            label_names=label_names,
+            num_labels=num_labels,
+            strict=strict,
+            reader_options=reader_options,
+            show_progress=show_progress,
+        )
     total = count_records(builder, str(manual)) if show_progress else None
     bar = tqdm.tqdm(total=total, unit=" records", desc=f"reading {dataset}", disable=not total)
     tfds.disable_progress_bar()  # ours counts records across the splits, with an ETA
@@ -216,6 +240,7 @@ def main(argv) -> None:
         label_names=tuple(n.strip() for n in args.label_names or () if n.strip()),
         num_labels=args.num_labels,
         strict=args.strict,
+        overwrite=args.overwrite,
     )
     print(summary.text())
     use = summary.dataset
@@ -232,6 +257,7 @@ def _define_flags() -> None:
     flags.DEFINE_list("label_names", None, "csv only: the names behind the labels column.")
     flags.DEFINE_integer("num_labels", 0, "csv only: C when the labels have no names.")
     flags.DEFINE_bool("strict", False, "Stop at the first bad record instead of skipping it.")
+    flags.DEFINE_bool("overwrite", False, "Rebuild a dataset that is prepared already.")
 
 
 if __name__ == "__main__":

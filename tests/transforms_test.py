@@ -1,4 +1,5 @@
-"""Decoding films of every bit depth to gray, and the aspect-and-pad augmentation."""
+"""Decoding films of every bit depth to gray, the aspect-and-pad augmentation, and the film's
+area in the padded frame (`image_box`)."""
 
 import io
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from region_medclip.data import pipeline, synth, transforms
+from region_medclip.data import pipeline, synth, tokenizers, transforms
 
 
 def _film(size: int = 64) -> np.ndarray:
@@ -133,3 +134,39 @@ def test_report_negatives_in_training_batches_only(synth_data_dir):
         iter(pipeline.make_dataset(c.data, split="test", train=False, seed=0, batch_size=8))
     )
     assert "report_negatives" not in evaluation
+
+
+def _finalized_box(example: dict) -> np.ndarray:
+    """``image_box`` as ``Finalize`` outputs it for ``example`` (a square uint8 film)."""
+    finalize = transforms.Finalize(
+        tokenizer=tokenizers.synth_bpe(), max_rois=2, text_len=8, num_negatives=0
+    )
+    example = dict(example, report="Clear.", box_captions=[], box_labels=[], labels=[0.0])
+    return finalize.map(example)["image_box"]
+
+
+def test_image_box_follows_the_film_through_resize_pad_and_aspect_pad():
+    # 40 × 80 (H × W) to 32: scale 0.4 → 16 × 32, centred with 8 rows above and below.
+    wide = {"image": np.full((40, 80), 255, np.uint8), "boxes": np.zeros((0, 4), np.float32)}
+    out = transforms.ResizePad(size=32).map(wide)
+    np.testing.assert_array_equal(out["image_box"], [0, 8, 32, 24])
+    rows = np.nonzero(out["image"].any(axis=1))[0]
+    assert (rows.min(), rows.max() + 1) == (8, 24)
+    np.testing.assert_allclose(_finalized_box(out), [0, 0.25, 1, 0.75])
+    # AspectPad squeezes the frame: the box moves with the film and still bounds its pixels.
+    rng = np.random.default_rng(0)
+    squeeze = transforms.AspectPad(p=1.0, min_aspect=0.6)
+    for _ in range(8):
+        padded = squeeze.random_map(out, rng)
+        x0, y0, x1, y1 = padded["image_box"]
+        assert not np.array_equal(padded["image_box"], out["image_box"])
+        rows = np.nonzero(padded["image"].any(axis=1))[0]
+        cols = np.nonzero(padded["image"].any(axis=0))[0]
+        np.testing.assert_allclose([cols.min(), rows.min()], [x0, y0], atol=1)
+        np.testing.assert_allclose([cols.max() + 1, rows.max() + 1], [x1, y1], atol=1)
+        np.testing.assert_allclose(_finalized_box(padded), padded["image_box"] / 32)
+    # A square film fills the frame.
+    square = {"image": _film(48), "boxes": np.zeros((0, 4), np.float32)}
+    out = transforms.ResizePad(size=32).map(square)
+    np.testing.assert_array_equal(out["image_box"], [0, 0, 32, 32])
+    np.testing.assert_array_equal(_finalized_box(out), [0, 0, 1, 1])

@@ -43,15 +43,16 @@ CONCEPT_TEMPLATES = ("{}", "there is {}", "findings of {}", "a chest x-ray showi
 REGION_SOURCES = ("auto", "head", "crops")
 
 
-def concept_vocabulary(dataset: str) -> list[str]:
+def concept_vocabulary(dataset: str, data_dir: str | None = None) -> list[str]:
     """The distillation concepts of a dataset (its registry entry's: finding × location phrases
-    for ``synth_cxr``, the label names in lower case for the labelled readers).
+    for ``synth_cxr``, the label names in lower case for the labelled readers; a user's
+    dataset is found in ``data_dir``).
 
     Raises:
       ValueError: naming ``config.data.train`` when the dataset has none.
     """
     try:
-        return registry.get(dataset).concept_vocabulary()
+        return registry.get(dataset, data_dir).concept_vocabulary()
     except ValueError as err:
         raise ValueError(f"config.data.train={dataset!r}: {err}") from err
 

@@ -149,7 +149,7 @@ def _check_sources(config) -> None:
 def _teacher(config, mesh) -> Teacher | None:
     if not (config.teacher.init_from and config.loss.lambda_ > 0):
         return None
-    concepts = concept_vocabulary(mixture.parse(config.data.train)[0].name)
+    concepts = concept_vocabulary(mixture.parse(config.data.train)[0].name, config.data.data_dir)
     return Teacher(config.teacher.init_from, config.data, concepts, mesh, config.teacher.regions)
 
 
