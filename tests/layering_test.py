@@ -33,6 +33,8 @@ LAYERS = {
     "region_medclip.ablation": 7,
     "region_medclip.imagenet_zero_shot": 7,
     "region_medclip.bench": 7,
+    "region_medclip.benchmark": 7,
+    "region_medclip.prepare": 7,
 }
 # Models only compute: no I/O, no data, no training state.
 FORBIDDEN = {

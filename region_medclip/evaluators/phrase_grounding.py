@@ -28,8 +28,9 @@ below come from the paper's definitions; where neither says, the choice is ours 
   as :func:`grounding.cnr`): the paper does not say, and the two differ by a factor n / (n − 1),
   under 1% at the hundreds of pixels of a region.
 - **mIoU**: IoU of the union mask with the map thresholded on the image area, averaged over the
-  paper's thresholds 0.1, …, 0.5. Ours: a pixel is predicted at ≥ t, and a threshold no pixel
-  reaches scores 0 rather than being skipped.
+  thresholds 0.1, …, 0.5 (``thresholds``: the range public re-implementations of the protocol
+  use; we could not read the paper's own list, so it is an option). Ours: a pixel is predicted
+  at ≥ t, and a threshold no pixel reaches scores 0 rather than being skipped.
 - **Aggregation**: each metric averaged over the phrases of each MS-CXR category, then over the
   categories (macro: each category weighs the same, whatever its count of phrases). Ours:
   phrases whose boxes cover none or all of the image area have no CNR and are left out.
@@ -46,7 +47,7 @@ from region_medclip.evaluators import grounding, plots
 
 # The keys of ``config.evals.<name>`` this evaluator reads, with their defaults.
 OPTIONS = dict(
-    thresholds=(0.1, 0.2, 0.3, 0.4, 0.5),  # mIoU thresholds on the cosine map (BioViL's)
+    thresholds=(0.1, 0.2, 0.3, 0.4, 0.5),  # mIoU thresholds on the cosine map
     tolerance=0.0,  # pointing-game tolerance in pixels for the per-box game (0: strict only)
 )
 
