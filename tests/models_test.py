@@ -1,5 +1,6 @@
 """Towers: shapes of every variant, jit / eval_shape, bf16, masking, causality, pooling."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -304,3 +305,44 @@ def test_attention_implementation_is_checked_by_name():
     c.model.attention = "flash"
     with pytest.raises(config_lib.ConfigError, match=r"model.attention: 'flash'"):
         config_lib.validate(c)
+
+
+@pytest.mark.parametrize("kind", ["clip", "bert"])
+def test_context_vectors_replace_only_the_masked_token_embeddings(kind):
+    tower = TINY_TEXT if kind == "clip" else dict(TINY_TEXT, kind="bert", pool="mean")
+    model = _tiny_model(text=tower)
+    images, tokens, boxes, mask = _inputs()
+    variables = model.init(jax.random.key(0), images, tokens, boxes, mask)
+    params = variables["params"]["text_tower"]
+    table = params["token_embedding" if kind == "clip" else "word_embeddings"]["embedding"]
+    own = jnp.asarray(nn.meta.unbox(table))[
+        tokens
+    ]  # the tokens' own embeddings as context: nothing changes
+    context_mask = jnp.zeros(tokens.shape, bool).at[:, 1:3].set(True)
+    plain = model.apply(variables, tokens, method="encode_text")
+    same = model.apply(variables, tokens, (context_mask, own), method="encode_text")
+    np.testing.assert_allclose(same, plain, rtol=1e-6, atol=1e-7)
+    values = jax.random.normal(jax.random.key(1), own.shape)
+
+    def encoded(values):
+        return model.apply(variables, tokens, (context_mask, values), method="encode_text")
+
+    assert not np.allclose(encoded(values), plain, atol=1e-4)
+    # Gradients reach the context values at the masked positions only.
+    grads = jax.grad(lambda v: encoded(v).sum())(values)
+    assert np.abs(np.asarray(grads)[:, 1:3]).sum() > 0
+    np.testing.assert_array_equal(np.asarray(grads)[:, 3:], 0.0)
+    np.testing.assert_array_equal(np.asarray(grads)[:, :1], 0.0)
+
+
+def test_word_features_share_the_pooled_projection():
+    model = _tiny_model()
+    images, tokens, boxes, mask = _inputs()
+    variables = model.init(jax.random.key(0), images, tokens, boxes, mask)
+    words = model.apply(variables, tokens, method="encode_words")
+    ztxt = model.apply(variables, tokens, method="encode_text")
+    assert words.shape == (*tokens.shape, 32)
+    np.testing.assert_allclose(np.linalg.norm(words, axis=-1), 1.0, rtol=1e-5)
+    # CLIP pools at the end-of-text token: its word feature is the report embedding.
+    eot = np.asarray(text.eot_positions(tokens, "argmax"))
+    np.testing.assert_allclose(words[np.arange(len(eot)), eot], ztxt, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from region_medclip.config import ConfigError
 from region_medclip.config.validate import check_type
+from region_medclip.models import layers
 from region_medclip.models import region as region_lib
 from region_medclip.models import text as text_lib
 from region_medclip.models import vit as vit_lib
@@ -84,11 +85,30 @@ class RegionCLIP(nn.Module):
         pooled, patch_tokens = self.image_tower(images)
         return l2_normalize(pooled), patch_tokens
 
-    def encode_text(self, tokens: jax.Array) -> jax.Array:
-        """``tokens [..., L]`` int → ``ztxt [..., D]`` (L2-normalised, float32)."""
-        lead = tokens.shape[:-1]
-        pooled, _ = self.text_tower(tokens.reshape(-1, tokens.shape[-1]))
+    def encode_text(self, tokens: jax.Array, context=None) -> jax.Array:
+        """``tokens [..., L]`` int → ``ztxt [..., D]`` (L2-normalised, float32). ``context``:
+        ``(mask [..., L] bool, values [..., L, width])`` token embeddings to put in place of
+        the masked tokens' (CoOp's learned context); None: none."""
+        lead, length = tokens.shape[:-1], tokens.shape[-1]
+        if context is not None:
+            mask, values = context
+            context = (mask.reshape(-1, length), values.reshape(-1, length, values.shape[-1]))
+        pooled, _ = self.text_tower(tokens.reshape(-1, length), context=context)
         return l2_normalize(pooled).reshape(*lead, -1)
+
+    def encode_words(self, tokens: jax.Array) -> jax.Array:
+        """``tokens [B, L]`` → ``zwords [B, L, D]``: each token's final state through the text
+        tower's own projection, L2-normalised (GLoRIA's word features, in the joint space the
+        pooled report lives in). Padding positions hold the projection of padding states: the
+        caller masks them."""
+        _, states = self.text_tower(tokens)
+        params = self.text_tower.variables["params"]
+        x = states
+        if "proj_hidden" in params:  # BERT's MLP projection (BiomedCLIP)
+            kernel = nn.meta.unbox(params["proj_hidden"]["kernel"])
+            x = layers.activation("gelu")(x @ kernel.astype(x.dtype))
+        x = x @ nn.meta.unbox(params["proj"]["kernel"]).astype(x.dtype)
+        return l2_normalize(x)
 
     def encode_regions(
         self, patch_tokens: jax.Array, boxes: jax.Array, roi_mask: jax.Array | None = None

@@ -33,6 +33,16 @@ def eot_positions(tokens: jax.Array, eot: str | int, pad_id: int = 0) -> jax.Arr
     return jnp.where(is_eot.any(-1), jnp.argmax(is_eot, axis=-1), last_real).astype(jnp.int32)
 
 
+def with_context(embeddings: jax.Array, context) -> jax.Array:
+    """``embeddings [B, L, width]`` with the positions of ``context = (mask [B, L], values
+    [B, L, width])`` replaced by its values (None: unchanged). Gradients reach ``values`` only
+    where ``mask`` holds, and the token embeddings only elsewhere."""
+    if context is None:
+        return embeddings
+    mask, values = context
+    return jnp.where(mask[..., None], values.astype(embeddings.dtype), embeddings)
+
+
 class CLIPText(nn.Module):
     """CLIP text transformer: token + positional embedding, causal pre-LN blocks, ``ln_final``,
     pooling at the EOT token and a bias-free projection ``W_t [width, embed_dim]``."""
@@ -54,11 +64,13 @@ class CLIPText(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, context=None) -> tuple[jax.Array, jax.Array]:
         """Encodes token ids.
 
         Args:
           tokens: ``[B, L]`` int, ``L <= context_len``.
+          context: ``(mask [B, L] bool, values [B, L, width])``: token embeddings replaced by
+            ``values`` where ``mask`` (CoOp's learned context vectors); None: none.
 
         Returns:
           ``pooled [B, embed_dim]`` (unnormalised) and ``token_states [B, L, width]``
@@ -74,6 +86,7 @@ class CLIPText(nn.Module):
             name="token_embedding",
             **kw,
         )(tokens)
+        x = with_context(x, context)
         pos = self.param(
             "pos_embedding",
             layers.logical(nn.initializers.normal(0.01), (None, "embed")),
@@ -154,6 +167,7 @@ class BertText(nn.Module):
         tokens: jax.Array,
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
+        context=None,
     ) -> tuple[jax.Array, jax.Array]:
         """Encodes token ids.
 
@@ -161,6 +175,8 @@ class BertText(nn.Module):
           tokens: ``[B, L]`` int; position 0 holds ``[CLS]``.
           attention_mask: ``[B, L]`` (1 = real token); defaults to ``tokens != pad_id``.
           token_type_ids: ``[B, L]`` int; defaults to zeros.
+          context: ``(mask [B, L] bool, values [B, L, width])``: word embeddings replaced by
+            ``values`` where ``mask`` (CoOp's learned context vectors); None: none.
 
         Returns:
           ``pooled [B, embed_dim]`` (unnormalised) and ``token_states [B, L, width]``.
@@ -176,7 +192,7 @@ class BertText(nn.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(tokens)
 
-        x = _bert_embeddings(self, tokens, token_type_ids, kw)
+        x = _bert_embeddings(self, tokens, token_type_ids, kw, context)
         block_cls = nn.remat(PostLNBlock) if self.remat else PostLNBlock
         mask = attention_mask[:, None, None, :]
         for i in range(self.depth):
@@ -192,7 +208,7 @@ class BertText(nn.Module):
         return _bert_pool(self, x, attention_mask, kw), x
 
 
-def _bert_embeddings(bert: BertText, tokens, token_type_ids, kw) -> jax.Array:
+def _bert_embeddings(bert: BertText, tokens, token_type_ids, kw, context=None) -> jax.Array:
     """Word + position + token-type embeddings, LayerNormed: ``[B, L] → [B, L, width]``
     (submodules of ``bert``, created inside its compact call)."""
 
@@ -206,7 +222,7 @@ def _bert_embeddings(bert: BertText, tokens, token_type_ids, kw) -> jax.Array:
         )(ids)
 
     positions = jnp.arange(tokens.shape[-1])[None]
-    x = embed("word_embeddings", bert.vocab_size, tokens)
+    x = with_context(embed("word_embeddings", bert.vocab_size, tokens), context)
     x = x + embed("position_embeddings", bert.context_len, positions)
     x = x + embed("token_type_embeddings", bert.type_vocab_size, token_type_ids)
     return layers.layer_norm("ln_embed", eps=bert.ln_eps, **kw)(x)
