@@ -135,7 +135,7 @@ def synth_suite(train_examples: int = 4000, max_examples: int = 600) -> tuple[Pr
             "synth_fewshot",
             "synth_cxr few-shot ridge probe (AUROC)",
             "synth_cxr",
-            {"fewshot": dict(kind="fewshot", shots=(1, 5, 10), **train)},
+            {"fewshot": dict(kind="fewshot", shots=(1, 5, 10), seeds=(0, 1, 2), **train)},
             tuple((f"{k}-shot", "fewshot", f"auroc@{k}shot", "") for k in (1, 5, 10)),
         ),
         Protocol(

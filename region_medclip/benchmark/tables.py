@@ -48,13 +48,16 @@ def evaluate_protocols(model: api.Model, protocols: list, data_dir: str) -> dict
             for name, entry in protocol.evals.items()
         }
     results = run_lib.evaluate(config, model.module, model.params)
-    return {
-        protocol.name: {
-            title: results[f"{protocol.name}/{name}"].get(metric, float("nan"))
-            for title, name, metric, _ in protocol.columns
-        }
-        for protocol in protocols
-    }
+    scores = {}
+    for protocol in protocols:
+        values = {}
+        for title, name, metric, _ in protocol.columns:
+            out = results[f"{protocol.name}/{name}"]
+            values[title] = out.get(metric, float("nan"))
+            if f"{metric}/std" in out:  # the probes' spread over seeds
+                values[f"{title}/std"] = out[f"{metric}/std"]
+        scores[protocol.name] = values
+    return scores
 
 
 def run_suite(workdirs: list[str], suite: str, data_dir: str | None = None) -> dict:
@@ -125,10 +128,10 @@ def _published_row(protocol: suites.Protocol, rows: list) -> dict:
     )
 
 
-def _cell(value) -> str:
+def _cell(value, std=None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    return f"{value:.3f}"
+    return f"{value:.3f}" if std is None else f"{value:.3f} ± {std:.3f}"
 
 
 def markdown(result: dict) -> str:
@@ -145,7 +148,8 @@ def markdown(result: dict) -> str:
             "|---|" + "---|" * (len(columns) + 1),
         ]
         for row in protocol["rows"]:
-            cells = " | ".join(_cell(row["metrics"].get(c)) for c in columns)
+            metrics = row["metrics"]
+            cells = " | ".join(_cell(metrics.get(c), metrics.get(f"{c}/std")) for c in columns)
             lines.append(f"| {row['model']} | {cells} | this run |")
         if not protocol["rows"]:
             lines.append(f"| region-medclip | {' | '.join('—' for _ in columns)} | not run |")
