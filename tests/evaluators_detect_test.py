@@ -1,0 +1,91 @@
+"""Box-free detection: the window proposals, non-maximum suppression, the calibrated scores and
+the boxes grown from a phrase's heatmap, on hand-computed cases."""
+
+import numpy as np
+import pytest
+
+from region_medclip.evaluators import detect
+
+
+def test_window_proposals_tile_the_frame_at_each_size_and_aspect():
+    boxes = detect.window_proposals(sizes=(0.2,), aspects=(1.0, 4.0), stride=0.5)
+    assert (boxes >= -1e-6).all() and (boxes <= 1 + 1e-6).all()
+    sides = np.round(boxes[:, 2:] - boxes[:, :2], 4)
+    square, wide = sides[:, 0] == sides[:, 1], sides[:, 0] > sides[:, 1]
+    # Square 0.2 windows every 0.1: centres 0.1, 0.2, ..., 0.9 → 9 × 9.
+    assert square.sum() == 81 and np.allclose(sides[square], 0.2)
+    # Aspect 4: 0.4 × 0.1, centres every 0.2 along x (0.2 ... 0.8) and 0.05 along y (0.05 ... 0.95).
+    assert wide.sum() == 4 * 19 and np.allclose(sides[wide], [0.4, 0.1])
+    assert len(detect.window_proposals(sizes=(1.5,))) == 0  # larger than the frame: none
+
+
+def test_nms_keeps_the_best_of_each_cluster():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 9, 10]], float)
+    scores = np.array([0.9, 0.95, 0.5, 0.1])
+    np.testing.assert_array_equal(detect.nms(boxes, scores, iou=0.5, top_k=10), [1, 2])
+    np.testing.assert_array_equal(detect.nms(boxes, scores, iou=0.5, top_k=1), [1])
+    # IoU of boxes 0 and 1 is 81 / 119 = 0.68: a looser threshold keeps both.
+    assert detect.box_iou(boxes[:1], boxes[1:2])[0, 0] == pytest.approx(81 / 119)
+    np.testing.assert_array_equal(detect.nms(boxes, scores, iou=0.7, top_k=10), [1, 0, 2])
+
+
+def test_calibrated_logits_weigh_the_phrase_against_the_nearest_clear_region():
+    zroi = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    zphrase = np.array([[1.0, 0.0, 0.0]])
+    znormal = np.array([[0.0, 1.0, 0.0], [0.6, 0.8, 0.0]])
+    logits = detect.calibrated_logits(zroi, zphrase, znormal, logit_scale=10.0)
+    # Box 0: phrase 1.0, nearest normal 0.6 → 4; box 1: phrase 0, nearest normal 1 → −10.
+    np.testing.assert_allclose(logits[:, 0], [4.0, -10.0])
+    probs = detect.calibrated_scores(zroi, zphrase, znormal, logit_scale=10.0)
+    np.testing.assert_allclose(probs[:, 0], 1 / (1 + np.exp(-np.array([4.0, -10.0]))))
+
+
+def test_boxes_grow_from_each_peak_over_the_cells_above_the_fraction():
+    heat = np.full((5, 5), -1.0)
+    heat[1, 1], heat[1, 2], heat[2, 1] = 4.0, 2.5, 1.0  # a cluster: 2.5 ≥ 0.5 × 4, 1.0 is not
+    heat[4, 4] = 3.0  # a second peak
+    ys, xs = np.mgrid[0:5, 0:5] / 4.0
+    centres = np.stack([xs, ys], -1)  # x, y in [0, 1] every 0.25
+    boxes, scores = detect.grown_boxes(heat, centres, fraction=0.5, top_k=5, half=0.1)
+    np.testing.assert_allclose(scores, [4.0, 3.0, 1.0])
+    # Cells (1, 1) and (1, 2): x 0.25..0.5, y 0.25; widened by 0.1.
+    np.testing.assert_allclose(boxes[0], [0.15, 0.15, 0.6, 0.35], atol=1e-6)
+    np.testing.assert_allclose(boxes[1], [0.9, 0.9, 1.0, 1.0], atol=1e-6)  # clipped to the frame
+    boxes, _ = detect.grown_boxes(heat, centres, fraction=0.2, top_k=1, half=0.0)
+    np.testing.assert_allclose(boxes[0], [0.25, 0.25, 0.5, 0.5], atol=1e-6)  # 1.0 ≥ 0.2 × 4
+    assert len(detect.grown_boxes(-heat - 10, centres, fraction=0.5, top_k=5, half=0.1)[0]) == 0
+
+
+def test_detect_runs_each_phrase_through_the_region_head():
+    proposals = np.array([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.4, 0.5]])
+
+    def encode_regions_fn(tokens, boxes):
+        # The embedding of a box says which quadrant it lies in: [top-left, bottom-right, 0].
+        top_left = (boxes[..., 2] <= 0.5).astype(float)
+        return np.stack([top_left, 1 - top_left, np.zeros_like(top_left)], -1)
+
+    zphrase = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    znormal = np.array([[0.0, 0.0, 1.0]])
+    [found] = detect.detect(
+        np.zeros((1, 2, 2, 4)),
+        zphrase,
+        znormal,
+        encode_regions_fn=encode_regions_fn,
+        logit_scale=10.0,
+        proposals=proposals,
+        iou=0.5,
+    )
+    # Phrase 0 finds the two top-left boxes (overlapping: IoU 0.8, one kept), phrase 1 the other.
+    np.testing.assert_array_equal(found.phrases, [0, 1])
+    np.testing.assert_allclose(found.boxes, proposals[[0, 1]])
+    # A box on the padding is left out.
+    [found] = detect.detect(
+        np.zeros((1, 2, 2, 4)),
+        zphrase,
+        znormal,
+        encode_regions_fn=encode_regions_fn,
+        logit_scale=10.0,
+        proposals=proposals,
+        image_box=np.array([[0.0, 0.0, 1.0, 0.45]]),
+    )
+    assert 1 not in found.phrases.tolist()
