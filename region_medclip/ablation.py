@@ -1,5 +1,6 @@
 """The loss ablation (``region_medclip.train.ablation``): global-only CLIP, MedCLIP loss, sigmoid
-loss and the full region-aware model, same config, budget and seeds, in one table.
+loss, GLoRIA's global + local, the full region-aware model and region-aware + local, same config,
+budget and seeds, in one table.
 
 python -m region_medclip.ablation --config=configs/tiny_roi.py --workdir=runs/ablation --seeds=0,1,2
 

@@ -23,6 +23,31 @@ def test_summarise_means_and_stds_by_hand():
     assert "| a | 2 | 0.700 ± 0.141 |" in table and "| b | 1 | 0.800 |" in table
 
 
+def test_the_variants_set_the_terms_they_name():
+    """Region terms on in the region-aware rows only, the word–patch term (weight 1) in the local
+    rows only, whatever the base config says."""
+    import micro_config
+
+    base = micro_config.get_config()
+    base.loss.local_weight = 0.5  # a base that has it on: the variants decide, not the base
+    assert list(ablation.VARIANTS) == [
+        "global_only",
+        "medclip",
+        "sigmoid",
+        "global_local",
+        "region_aware",
+        "both",
+    ]
+    for variant in ablation.VARIANTS:
+        loss = ablation.variant_config(base, variant, seed=1).loss
+        region, local = variant in ("region_aware", "both"), variant in ("global_local", "both")
+        assert (loss.beta > 0, loss.gamma > 0, loss.local_weight > 0) == (region, region, local)
+        assert loss.local_weight in (0.0, 1.0)
+        assert loss.global_kind == {"medclip": "medclip", "sigmoid": "sigmoid"}.get(
+            variant, "softmax"
+        )
+
+
 @pytest.mark.slow
 def test_every_variant_trains_evaluates_and_is_not_trained_twice(tmp_path, synth_data_dir):
     import micro_config
@@ -33,11 +58,13 @@ def test_every_variant_trains_evaluates_and_is_not_trained_twice(tmp_path, synth
     base = micro_config.get_config(f"data_dir={data_dir},steps=2,evals")
     workdir = tmp_path / "ablation"
     summary, table = ablation.run(base, str(workdir), [0], list(ablation.VARIANTS))
-    assert set(summary) == set(ablation.VARIANTS) and len(table.splitlines()) == 6
+    assert set(summary) == set(ablation.VARIANTS)
+    assert len(table.splitlines()) == 2 + len(ablation.VARIANTS)
     for variant in ablation.VARIANTS:
         stored = json.loads((workdir / variant / "seed0" / "config.json").read_text())
-        region = variant == "region_aware"
+        region, local = variant in ("region_aware", "both"), variant in ("global_local", "both")
         assert (stored["loss"]["beta"] > 0) == region and (stored["loss"]["gamma"] > 0) == region
+        assert (stored["loss"]["local_weight"] > 0) == local
         assert 0 <= summary[variant]["regions/within_image_top1"][0] <= 1
     sigmoid = json.loads((workdir / "sigmoid" / "seed0" / "config.json").read_text())
     assert sigmoid["loss"]["global_kind"] == "sigmoid"

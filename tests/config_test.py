@@ -62,6 +62,10 @@ def test_arg_values_reach_the_config():
         (lambda c: setattr(c.loss, "global_kind", "hinge"), r"config\.loss\.global_kind"),
         (lambda c: c.model.text.update(kind="gpt"), r"config\.model\.text\.kind"),
         (lambda c: setattr(c.evals, "zs", {"every": 3}), r"config\.evals\.zs"),
+        (lambda c: setattr(c.loss, "local_weight", -1.0), r"config\.loss\.local_weight=-1"),
+        (lambda c: c.loss.gloria.update(temperature2=0.0), r"config\.loss\.gloria\.temperature2"),
+        (lambda c: c.loss.gloria.update(grid=-2), r"config\.loss\.gloria\.grid=-2"),
+        (lambda c: c.loss.gloria.update(temp1=4.0), r"config\.loss\.gloria\.temp1: unknown key"),
     ],
 )
 def test_validation_names_the_key(mutate, message):

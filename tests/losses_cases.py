@@ -23,6 +23,8 @@ NUM_ROIS = 3
 NUM_NEGATIVES = 4
 NUM_CONCEPTS = 5
 NUM_CLASSES = 4
+NUM_WORDS = 5
+NUM_PATCHES = 4
 LOCAL_BATCHES = (1, 3, 16)
 EXTREME_SCALES = (1e-6, 1.0, 100.0, 1e4)
 
@@ -173,6 +175,20 @@ def case_distillation(rng, n):
     return losses.distillation_loss, arrays, {}, ("student_logits", "teacher_logits")
 
 
+def case_gloria_local(rng, n):
+    """Reports of 1 to NUM_WORDS valid words anywhere in the sequence, garbage behind the mask."""
+    num = n * NUM_DEVICES
+    word_mask = rng.random((num, NUM_WORDS)) > 0.4
+    word_mask[np.arange(num), rng.integers(0, NUM_WORDS, num)] = True  # at least one word each
+    arrays = dict(
+        zwords=_with_garbage(unit(rng, num, NUM_WORDS, DIM), word_mask, rng),
+        word_mask=word_mask,
+        zpatch=unit(rng, num, NUM_PATCHES, DIM),
+    )
+    static = dict(temperature1=4.0, temperature2=5.0, temperature3=10.0)  # GLoRIA's
+    return losses.gloria_local_loss, arrays, static, ("zwords", "zpatch")
+
+
 CASES = {
     "softmax": case_softmax,
     "softmax_hard_negatives": case_softmax_hard_negatives,
@@ -186,6 +202,7 @@ CASES = {
     "roi_without_ids": case_roi_without_ids,
     "negative_caption": case_negative_caption,
     "distillation": case_distillation,
+    "gloria_local": case_gloria_local,
 }
 # The cases each test module runs, by the module of region_medclip.losses they test.
 CASE_GROUPS = {
@@ -199,6 +216,7 @@ CASE_GROUPS = {
     ),
     "sigmoid": ("sigmoid_gather", "sigmoid_ring"),
     "region": ("distillation", "negative_caption", "roi", "roi_without_ids"),
+    "local": ("gloria_local",),
 }
 assert sorted(sum(CASE_GROUPS.values(), ())) == sorted(CASES), "every case belongs to one group"
 
@@ -282,7 +300,7 @@ def check_dense_equals_reference(case):
 def check_no_nan_with_identical_embeddings(case):
     rng = np.random.default_rng(11)
     loss_fn, arrays, static, diff = CASES[case](rng, 2)
-    for name in ("zimg", "ztxt", "zroi", "zcap", "zneg"):
+    for name in ("zimg", "ztxt", "zroi", "zcap", "zneg", "zwords", "zpatch"):
         if name in arrays:
             arrays[name] = np.broadcast_to(arrays[name].reshape(-1, DIM)[-1], arrays[name].shape)
     assert_finite(value_and_grad(loss_fn, arrays, static, diff), case)
@@ -294,6 +312,8 @@ def check_no_nan_at_extreme_logit_scale(case, scale):
         arrays["logit_scale"] = np.float32(scale)
     elif "temperature" in arrays:
         arrays["temperature"] = np.float32(1.0 / scale)
+    elif "temperature3" in static:  # GLoRIA's local loss: its three multipliers, all at once
+        static = dict.fromkeys(static, float(scale))
     else:  # distillation: logits already divided by a temperature
         arrays = {k: v * scale if k.endswith("logits") else v for k, v in arrays.items()}
     if "logit_bias" in arrays:

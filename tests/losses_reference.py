@@ -124,6 +124,28 @@ def np_distillation_loss(student_logits, teacher_logits, roi_mask):
     return np.mean(np.sum(np.exp(log_t) * (log_t - log_s), axis=-1))
 
 
+def np_gloria_local_loss(zwords, word_mask, zpatch, temperature1, temperature2, temperature3):
+    """GLoRIA's local loss pair by pair, word by word: attention, context, cosine, log-sum-exp."""
+    words, patches = zwords.astype(np.float64), zpatch.astype(np.float64)
+    batch = len(patches)
+    scores = np.zeros((batch, batch))  # [image, report]
+    for image in range(batch):
+        for report in range(batch):
+            relevances = []
+            for w in words[report][word_mask[report]]:
+                attention = np.exp(temperature1 * patches[image] @ w)
+                attention /= attention.sum()
+                context = attention @ patches[image]
+                relevances.append(w @ context / (np.linalg.norm(w) * np.linalg.norm(context)))
+            scores[image, report] = temperature3 * np.log(
+                np.sum(np.exp(temperature2 * np.array(relevances)))
+            )
+    diag = np.arange(batch)
+    loss_i2t = -np.mean(_np_log_softmax(scores)[diag, diag])
+    loss_t2i = -np.mean(_np_log_softmax(scores.T)[diag, diag])
+    return (loss_i2t + loss_t2i) / 2
+
+
 # "sigmoid_gather" has no entry: dense, the two sigmoid impls are the same loss.
 REFERENCES = {
     "softmax": lambda a, s: np_softmax_loss(a["zimg"], a["ztxt"], a["logit_scale"]),
@@ -163,5 +185,8 @@ REFERENCES = {
     ),
     "distillation": lambda a, s: np_distillation_loss(
         a["student_logits"], a["teacher_logits"], a["roi_mask"]
+    ),
+    "gloria_local": lambda a, s: np_gloria_local_loss(
+        a["zwords"], a["word_mask"], a["zpatch"], **s
     ),
 }

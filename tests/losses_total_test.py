@@ -14,6 +14,9 @@ def mesh():
     return lc.make_mesh()
 
 
+_GLORIA_TEMPERATURES = dict(temperature1=4.0, temperature2=5.0, temperature3=10.0)
+
+
 def _loss_config(**overrides):
     config = ml_collections.ConfigDict(
         dict(
@@ -26,6 +29,8 @@ def _loss_config(**overrides):
             sigmoid_impl="ring",
             dhn_nce=dict(temperature=0.6, beta1=0.15, beta2=0.15, reduction="mean"),
             medclip=dict(label_temperature=1.0),
+            local_weight=0.0,
+            gloria=dict(**_GLORIA_TEMPERATURES, grid=0),
         )
     )
     config.update(overrides)
@@ -35,6 +40,7 @@ def _loss_config(**overrides):
 def _total_inputs(rng, n):
     """(out, batch, logits) for total_loss: model outputs, batch and ROI-concept logits."""
     region = lc.case_negative_caption(rng, n)[1]
+    local = lc.case_gloria_local(rng, n)[1]
     num = n * lc.NUM_DEVICES
     out = dict(
         zimg=lc.unit(rng, num, lc.DIM),
@@ -42,6 +48,8 @@ def _total_inputs(rng, n):
         zroi=region["zroi"],
         zcap=region["zcap"],
         zneg=region["zneg"],
+        zwords=local["zwords"],
+        zpatch=local["zpatch"],
         logit_scale=np.float32(np.log(1 / 0.07)),
         logit_bias=np.float32(-10.0),
     )
@@ -50,6 +58,7 @@ def _total_inputs(rng, n):
         neg_mask=region["neg_mask"],
         cap_ids=rng.integers(0, 6, size=region["roi_mask"].shape).astype(np.int32),
         labels=(rng.random((num, lc.NUM_CLASSES)) > 0.6).astype(np.float32),
+        word_mask=local["word_mask"],
     )
     shape = (num, lc.NUM_ROIS, lc.NUM_CONCEPTS)
     logits = dict(
@@ -61,7 +70,9 @@ def _total_inputs(rng, n):
 
 def test_total_loss_is_the_weighted_sum_of_its_terms():
     out, batch, logits = _total_inputs(np.random.default_rng(21), 1)
-    config = _loss_config(alpha=0.5, beta=2.0, gamma=3.0, lambda_=0.25, roi_temperature=0.1)
+    config = _loss_config(
+        alpha=0.5, beta=2.0, gamma=3.0, lambda_=0.25, roi_temperature=0.1, local_weight=0.75
+    )
     total, metrics = lc.jit(losses.total_loss, loss_config=config)(out=out, batch=batch, **logits)
     t = np.exp(out["logit_scale"])
     roi_args = dict(zroi=out["zroi"], zcap=out["zcap"], roi_mask=batch["roi_mask"])
@@ -75,10 +86,13 @@ def test_total_loss_is_the_weighted_sum_of_its_terms():
         **roi_args, zneg=out["zneg"], neg_mask=batch["neg_mask"], logit_scale=10.0
     )
     distill_term = lc.jit(losses.distillation_loss)(**logits, roi_mask=batch["roi_mask"])
-    terms = [term[0] for term in (global_term, roi_term, neg_term, distill_term)]
-    expected = np.dot([0.5, 2.0, 3.0, 0.25], [float(v) for v in terms])
+    local_term = lc.jit(losses.gloria_local_loss, **_GLORIA_TEMPERATURES)(
+        zwords=out["zwords"], zpatch=out["zpatch"], word_mask=batch["word_mask"]
+    )
+    terms = [term[0] for term in (global_term, roi_term, neg_term, distill_term, local_term)]
+    expected = np.dot([0.5, 2.0, 3.0, 0.25, 0.75], [float(v) for v in terms])
     np.testing.assert_allclose(float(total), expected, rtol=1e-6)
-    for name, value in zip(("global", "roi", "neg", "distill"), terms, strict=True):
+    for name, value in zip(("global", "roi", "neg", "distill", "local"), terms, strict=True):
         np.testing.assert_allclose(float(metrics[f"{name}/loss"]), float(value), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["logit_scale"]), t, rtol=1e-6)
     np.testing.assert_allclose(float(metrics["roi_temperature"]), 0.1, rtol=1e-6)
@@ -86,7 +100,7 @@ def test_total_loss_is_the_weighted_sum_of_its_terms():
 
 def test_total_loss_skips_distillation_without_a_teacher_and_zero_weights():
     out, batch, _ = _total_inputs(np.random.default_rng(22), 1)
-    for name in ("zroi", "zcap", "zneg"):
+    for name in ("zroi", "zcap", "zneg", "zwords", "zpatch"):
         del out[name]
     config = _loss_config(beta=0.0, gamma=0.0)
     total, metrics = lc.jit(losses.total_loss, loss_config=config)(out=out, batch=batch)
@@ -99,7 +113,7 @@ def test_total_loss_skips_distillation_without_a_teacher_and_zero_weights():
 @pytest.mark.parametrize("kind", losses.GLOBAL_KINDS)
 def test_total_loss_sharded_equals_dense(mesh, kind):
     out, batch, logits = _total_inputs(np.random.default_rng(23), 2)
-    config = _loss_config(global_kind=kind)
+    config = _loss_config(global_kind=kind, local_weight=0.5)
 
     def loss_fn(*, axis_name=None, **arrays):
         parts = {key: {k: arrays[k] for k in group} for key, group in groups.items()}
@@ -113,7 +127,8 @@ def test_total_loss_sharded_equals_dense(mesh, kind):
 
     groups = dict(out=tuple(out), batch=tuple(batch), logits=tuple(logits))
     arrays = {**out, **batch, **logits}
-    diff = ("zimg", "ztxt", "zroi", "zcap", "zneg", "logit_scale", "logit_bias", "student_logits")
+    diff = ("zimg", "ztxt", "zroi", "zcap", "zneg", "zwords", "zpatch", "logit_scale")
+    diff += ("logit_bias", "student_logits")
     dense = lc.value_and_grad(loss_fn, arrays, {}, diff)
     sharded = lc.value_and_grad(loss_fn, arrays, {}, diff, mesh=mesh)
     lc.assert_close(sharded[0], dense[0], "loss")

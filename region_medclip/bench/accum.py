@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from region_medclip import sharding as sharding_lib
 from region_medclip import train
 from region_medclip.bench import common
+from region_medclip.models import vit
 
 MIB = 2**20
 CASES = {"tiny_roi": ("tiny_roi.py", None), "vitb16_roi": ("vitb16_roi.py", None)}
@@ -66,6 +67,10 @@ def cache_mib(config) -> float:
     per_row = 2 + (rois if config.loss.beta or config.loss.gamma else 0)
     per_row += rois * (1 + negatives) if config.loss.gamma else 0
     per_row += config.data.get("report_negatives", 0)
+    if config.loss.get("local_weight", 0.0) > 0:  # GLoRIA's words and patch cells (§4.6)
+        patch = vit.decode_variant(config.model.image.variant)["patch"]
+        grid = config.loss.gloria.grid or config.data.image_size // patch
+        per_row += config.data.text_len + grid**2
     return 2 * rows * per_row * d * jnp.dtype(config.model.dtype).itemsize / MIB
 
 

@@ -56,6 +56,12 @@ def _loss() -> ml_collections.ConfigDict:
     s.sigmoid_impl = "ring"  # ring | gather
     s.dhn_nce = dict(temperature=0.6, beta1=0.15, beta2=0.15, reduction="mean")
     s.medclip = dict(label_temperature=1.0)
+    # GLoRIA's word–patch loss (docs/design.md §4.6): each report word attends over the image's
+    # patch cells; its weight μ (0: off, nothing of it is computed).
+    s.local_weight = 0.0
+    # GLoRIA's temp1 (attention), temp2 (over words), temp3 (the cross-entropy's multiplier), and
+    # the cells per axis of the patch grid the words attend over (0: the image tower's own grid).
+    s.gloria = dict(temperature1=4.0, temperature2=5.0, temperature3=10.0, grid=0)
     return s
 
 

@@ -101,11 +101,26 @@ def validate(
             f"config.data.report_negatives={negatives}: hard-negative reports join the softmax "
             f"global loss only; config.loss.global_kind is {kind!r}"
         )
+    _check_loss(config)
     _check_train(config)
     for section in ("evals",):
         for name, cfg in (_get(config, section) or {}).items():
             if not _is_section(cfg) or "kind" not in cfg:
                 raise ConfigError(f"config.evals.{name}: needs a dict with a 'kind' key")
+
+
+def _check_loss(config: Mapping) -> None:
+    """Ranges of the local (GLoRIA) loss's keys."""
+    weight = _get(config, "loss.local_weight")
+    if weight is not None and weight < 0:
+        raise ConfigError(f"config.loss.local_weight={weight}: must be ≥ 0 (0: off)")
+    for key in ("temperature1", "temperature2", "temperature3"):
+        value = _get(config, f"loss.gloria.{key}")
+        if value is not None and not value > 0:
+            raise ConfigError(f"config.loss.gloria.{key}={value}: must be > 0")
+    grid = _get(config, "loss.gloria.grid")
+    if grid is not None and grid < 0:
+        raise ConfigError(f"config.loss.gloria.grid={grid}: cells per axis ≥ 1, or 0 (the patches)")
 
 
 def _check_train(config: Mapping) -> None:

@@ -8,16 +8,9 @@ import numpy as np
 
 from region_medclip.data import pipeline
 from region_medclip.models import clip
+from region_medclip.models.region import patch_boxes
 
 _log = logging.getLogger("region_medclip.evaluate")
-
-
-def patch_boxes(grid: int) -> np.ndarray:
-    """``[grid², 4]`` normalised xyxy boxes of a ``grid × grid`` tiling, row-major."""
-    edges = np.linspace(0.0, 1.0, grid + 1)
-    y0, x0 = np.meshgrid(edges[:-1], edges[:-1], indexing="ij")
-    y1, x1 = np.meshgrid(edges[1:], edges[1:], indexing="ij")
-    return np.stack([x0, y0, x1, y1], -1).reshape(-1, 4).astype(np.float32)
 
 
 def _encode(module: clip.RegionCLIP, batch, grid_boxes):

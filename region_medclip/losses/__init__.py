@@ -1,4 +1,4 @@
-"""Contrastive, region and distillation losses; the equations are in docs/design.md §4.
+"""Contrastive, region, word–patch and distillation losses; the equations are in docs/design.md §4.
 
 Every loss is a pure function with keyword-only arguments that returns `(loss, metrics)`.
 Embeddings are L2-normalised. With `axis_name=None` a loss is the dense loss over what it is given.
@@ -15,11 +15,13 @@ Modules:
   contrastive  softmax_contrastive_loss (§4.1), medclip_loss (§4.3), dhn_nce_loss (§4.4).
   sigmoid      sigmoid_contrastive_loss (§4.2): all-gather, or a ppermute ring with a custom VJP.
   region       roi_contrastive_loss, negative_caption_loss, distillation_loss (§4.5).
+  local        gloria_local_loss and its local_similarity (§4.6): report words attend over patches.
   total        total_loss (§4.5) and GLOBAL_KINDS, the choices of config.loss.global_kind.
 """
 
 from region_medclip.losses.collectives import Metrics
 from region_medclip.losses.contrastive import dhn_nce_loss, medclip_loss, softmax_contrastive_loss
+from region_medclip.losses.local import gloria_local_loss, local_similarity
 from region_medclip.losses.region import (
     distillation_loss,
     negative_caption_loss,
@@ -33,6 +35,8 @@ __all__ = [
     "Metrics",
     "dhn_nce_loss",
     "distillation_loss",
+    "gloria_local_loss",
+    "local_similarity",
     "medclip_loss",
     "negative_caption_loss",
     "roi_contrastive_loss",

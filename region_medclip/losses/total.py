@@ -1,6 +1,7 @@
-"""The weighted training loss: L_total = α L_global + β L_ROI + γ L_neg + λ L_distill.
+"""The weighted training loss: L_total = α L_global + β L_ROI + γ L_neg + λ L_distill + μ L_local.
 
-Equation: docs/design.md §4.5. `config.loss.global_kind` picks L_global among GLOBAL_KINDS.
+Equations: docs/design.md §4.5 (L_local: §4.6). `config.loss.global_kind` picks L_global among
+GLOBAL_KINDS.
 """
 
 from collections.abc import Callable, Mapping
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 
 from region_medclip.losses.collectives import Metrics
 from region_medclip.losses.contrastive import dhn_nce_loss, medclip_loss, softmax_contrastive_loss
+from region_medclip.losses.local import gloria_local_loss
 from region_medclip.losses.region import (
     distillation_loss,
     negative_caption_loss,
@@ -103,6 +105,20 @@ def _region_terms(out, batch, roi_scale, student_logits, teacher_logits, axis_na
     }
 
 
+def _local_term(out, batch, loss_config, axis_name):
+    """GLoRIA's word–patch loss with the temperatures of ``config.loss.gloria``."""
+    cfg = loss_config.gloria
+    return gloria_local_loss(
+        zwords=out["zwords"],
+        word_mask=batch["word_mask"],
+        zpatch=out["zpatch"],
+        temperature1=cfg.temperature1,
+        temperature2=cfg.temperature2,
+        temperature3=cfg.temperature3,
+        axis_name=axis_name,
+    )
+
+
 def _weighted_sum(weights: Mapping[str, float], term_fns: Mapping[str, Callable]):
     """Σ weight × term over `weights` in order, skipping (and reporting 0 for) zero weights.
 
@@ -130,7 +146,7 @@ def total_loss(
     teacher_logits=None,
     axis_name=None,
 ) -> tuple[jax.Array, Metrics]:
-    """L_total = α L_global + β L_ROI + γ L_neg + λ L_distill (docs/design.md §4.5).
+    """L_total = α L_global + β L_ROI + γ L_neg + λ L_distill + μ L_local (docs/design.md §4.5).
 
     A term whose weight is 0 is not computed (its inputs may be absent) and reports 0.
 
@@ -139,15 +155,18 @@ def total_loss(
         t' parameter, exponentiated here. Also `logit_bias []` for the sigmoid loss; `zroi
         [n, R, D]` and `zcap [n, R, D]` (embeddings of the ROI captions) when β > 0 or γ > 0;
         `zneg [n, R, K, D]` (hard-negative captions) when γ > 0; optional `zrneg [n, Kr, D]`
-        (hard-negative reports of the softmax global loss, masked by `report_neg_mask`).
+        (hard-negative reports of the softmax global loss, masked by `report_neg_mask`); `zwords
+        [n, L, D]` (report words) and `zpatch [n, P, D]` (patch cells) when μ > 0.
       batch: `roi_mask [n, R]` when β, γ or λ > 0; optional `cap_ids [n, R]` (duplicates are ROI
         positives); `neg_mask [n, R, K]` when γ > 0; `labels [n, C]` for global_kind "medclip"
         (also the text labels unless `txt_labels [n, C]` is given), with optional `has_image`,
-        `has_text [n]` (rows of unpaired sources: the side a row lacks is masked out).
+        `has_text [n]` (rows of unpaired sources: the side a row lacks is masked out); `word_mask
+        [n, L]` (the words of L_local) when μ > 0.
       loss_config: `config.loss`: global_kind ("softmax" | "sigmoid" | "medclip" | "dhn_nce"),
         alpha, beta, gamma, lambda_, roi_temperature (τ of the region losses; 0 or None: the
         learned t), sigmoid_impl ("ring" | "gather"), dhn_nce.{temperature, beta1, beta2,
-        reduction}, medclip.label_temperature.
+        reduction}, medclip.label_temperature, local_weight (μ; absent: 0),
+        gloria.{temperature1, temperature2, temperature3}.
       student_logits, teacher_logits: [n, R, C] ROI-concept logits divided by their temperatures;
         without teacher logits the distillation term is skipped (λ treated as 0).
       axis_name: None for the dense loss, else the mesh axis the batch is sharded over.
@@ -155,7 +174,7 @@ def total_loss(
     Returns:
       loss: [] the weighted total.
       metrics: `loss`, `<term>/loss` and every metric of each term (`global/`, `roi/`, `neg/`,
-        `distill/`), the weights, `logit_scale` (t) and `temperature` (1 / t).
+        `distill/`, `local/`), the weights, `logit_scale` (t) and `temperature` (1 / t).
     """
     cfg = loss_config
     logit_scale = jnp.exp(jnp.asarray(out["logit_scale"], jnp.float32))
@@ -164,8 +183,10 @@ def total_loss(
         raise ValueError("total_loss got teacher_logits but no student_logits to distil into")
     lambda_ = cfg.lambda_ if teacher_logits is not None else 0.0
     weights = {"global": cfg.alpha, "roi": cfg.beta, "neg": cfg.gamma, "distill": lambda_}
+    weights["local"] = cfg.get("local_weight", 0.0)
     term_fns = {
         "global": lambda: _global_term(cfg.global_kind, out, batch, cfg, logit_scale, axis_name),
+        "local": lambda: _local_term(out, batch, cfg, axis_name),
         **_region_terms(out, batch, roi_scale, student_logits, teacher_logits, axis_name),
     }
     total, metrics = _weighted_sum(weights, term_fns)

@@ -17,6 +17,18 @@ Dtype = Any
 _FULL_BOX = np.array([0.0, 0.0, 1.0, 1.0], np.float32)
 
 
+def patch_boxes(grid: int) -> np.ndarray:
+    """``[grid², 4]`` normalised xyxy boxes of a ``grid × grid`` tiling, row-major.
+
+    Each cell embedded as a box gives patch-level embeddings of the same kind as the regions'
+    (grounding heatmaps, GLoRIA's local loss).
+    """
+    edges = np.linspace(0.0, 1.0, grid + 1)
+    y0, x0 = np.meshgrid(edges[:-1], edges[:-1], indexing="ij")
+    y1, x1 = np.meshgrid(edges[1:], edges[1:], indexing="ij")
+    return np.stack([x0, y0, x1, y1], -1).reshape(-1, 4).astype(np.float32)
+
+
 class RegionHead(nn.Module):
     """Embeds boxes from ViT patch tokens.
 

@@ -33,6 +33,17 @@ def eot_positions(tokens: jax.Array, eot: str | int, pad_id: int = 0) -> jax.Arr
     return jnp.where(is_eot.any(-1), jnp.argmax(is_eot, axis=-1), last_real).astype(jnp.int32)
 
 
+def word_mask(tokens: jax.Array, pad_id: int = 0) -> jax.Array:
+    """``tokens [B, L]`` → ``[B, L]`` bool: the words of each sequence, i.e. its non-padding
+    tokens after the first (``<start_of_text>`` / ``[CLS]``) and before the last one
+    (``<end_of_text>`` / ``[SEP]``), where every tokenizer of ``data/tokenizers.py`` puts them."""
+    real = tokens != pad_id
+    length = tokens.shape[-1]
+    last_real = length - 1 - jnp.argmax(real[:, ::-1], axis=-1)
+    position = jnp.arange(length)[None, :]
+    return real & (position > 0) & (position < last_real[:, None])
+
+
 def with_context(embeddings: jax.Array, context) -> jax.Array:
     """``embeddings [B, L, width]`` with the positions of ``context = (mask [B, L], values
     [B, L, width])`` replaced by its values (None: unchanged). Gradients reach ``values`` only

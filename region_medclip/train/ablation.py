@@ -1,6 +1,6 @@
-"""The loss ablation: global-only CLIP, MedCLIP loss, sigmoid loss and the full region-aware model,
-trained with the same config, budget and seeds, evaluated on the same split, in one table
-(``python -m region_medclip.ablation`` runs it).
+"""The loss ablation: global-only CLIP, MedCLIP loss, sigmoid loss, GLoRIA's global + local recipe,
+the full region-aware model and region-aware + local, trained with the same config, budget and
+seeds, evaluated on the same split, in one table (``python -m region_medclip.ablation`` runs it).
 
 Each (variant, seed) trains in ``workdir/<variant>/seed<k>`` (an interrupted ablation resumes:
 finished runs are not trained again) and is evaluated by ``config.evals`` at its last step.
@@ -22,11 +22,21 @@ _GLOBAL_ONLY = {"loss.beta": 0.0, "loss.gamma": 0.0, "loss.lambda_": 0.0}
 # Config overrides per variant, on top of the base config. The global-only baselines switch the
 # region and negative-caption terms off; the region head still exists (and shares W_i), so their
 # region and grounding numbers measure what global training alone gives the patch tokens.
+# `global_local` is GLoRIA's recipe (global + word–patch terms, weight 1 each, no boxes): it asks
+# whether report words alone teach the patches what boxes and captions do; `both` adds the
+# word–patch term to the region-aware model.
 VARIANTS = {
-    "global_only": dict(_GLOBAL_ONLY),
-    "medclip": {**_GLOBAL_ONLY, "loss.global_kind": "medclip"},
-    "sigmoid": {**_GLOBAL_ONLY, "loss.global_kind": "sigmoid", "model.logit_scale_init": None},
-    "region_aware": {},
+    "global_only": {**_GLOBAL_ONLY, "loss.local_weight": 0.0},
+    "medclip": {**_GLOBAL_ONLY, "loss.local_weight": 0.0, "loss.global_kind": "medclip"},
+    "sigmoid": {
+        **_GLOBAL_ONLY,
+        "loss.local_weight": 0.0,
+        "loss.global_kind": "sigmoid",
+        "model.logit_scale_init": None,
+    },
+    "global_local": {**_GLOBAL_ONLY, "loss.local_weight": 1.0},
+    "region_aware": {"loss.local_weight": 0.0},
+    "both": {"loss.local_weight": 1.0},
 }
 # The headline metric of each evaluator, in table order.
 COLUMNS = (

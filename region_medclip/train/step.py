@@ -20,6 +20,8 @@ from jax.sharding import PartitionSpec as P
 from region_medclip import losses
 from region_medclip import sharding as sharding_lib
 from region_medclip.models import clip
+from region_medclip.models import text as text_lib
+from region_medclip.models.region import patch_boxes
 from region_medclip.models.teacher import concept_embeddings
 from region_medclip.train import state as state_lib
 
@@ -45,11 +47,14 @@ def forward(model, params, batch, loss_config) -> dict[str, jax.Array]:
     ``images [n, S, S, 3]``, ``texts [n, L]``, ``boxes [n, R, 4]``, ``roi_mask [n, R]``,
     ``captions [n, R, Lc]`` and ``negatives [n, R, K, Lc]``. Captions and negatives go through
     the text tower in one call. With ``report_negatives [n, Kr, L]`` in the batch also ``zrneg
-    [n, Kr, D]``, the hard-negative reports of the softmax global loss."""
+    [n, Kr, D]``, the hard-negative reports of the softmax global loss; with a local weight > 0
+    ``zwords [n, L, D]`` and ``zpatch [n, g², D]`` (:func:`local_features`)."""
     out = model.apply(
         {"params": params}, batch["images"], batch["texts"], batch["boxes"], batch["roi_mask"]
     )
-    out.pop("patch_tokens")
+    patch_tokens = out.pop("patch_tokens")
+    if loss_config.get("local_weight", 0.0) > 0:
+        out.update(local_features(model, params, batch["texts"], patch_tokens, loss_config))
     if loss_config.beta > 0 or loss_config.gamma > 0:
         if loss_config.gamma > 0:
             tokens = jnp.concatenate([batch["captions"][:, :, None], batch["negatives"]], axis=2)
@@ -60,6 +65,28 @@ def forward(model, params, batch, loss_config) -> dict[str, jax.Array]:
     if "report_negatives" in batch:  # [n, Kr, L] → [n, Kr, D]
         out["zrneg"] = _apply(model, params, clip.RegionCLIP.encode_text, batch["report_negatives"])
     return out
+
+
+def local_features(model, params, texts, patch_tokens, loss_config) -> dict[str, jax.Array]:
+    """GLoRIA's two sides: ``zwords [n, L, D]``, every token of ``texts [n, L]`` through the text
+    tower's projection, and ``zpatch [n, g², D]``, the region head on each cell of a g × g grid
+    over ``patch_tokens [n, h, w, width]`` (g = ``loss.gloria.grid``, or h when 0), as the
+    grounding evaluators embed patches. Both L2-normalised."""
+    grid = loss_config.gloria.get("grid", 0) or patch_tokens.shape[1]
+    cells = jnp.asarray(patch_boxes(grid))
+    cells = jnp.broadcast_to(cells, (patch_tokens.shape[0], *cells.shape))
+    return dict(
+        zwords=_apply(model, params, clip.RegionCLIP.encode_words, texts),
+        zpatch=_apply(model, params, clip.RegionCLIP.encode_regions, patch_tokens, cells, None),
+    )
+
+
+def word_mask(config, texts: jax.Array) -> jax.Array:
+    """``[n, L]`` bool, the tokens of ``texts [n, L]`` that GLoRIA's local loss counts as words:
+    neither padding (the text tower's ``pad_id``) nor the start and end tokens. Those two stand
+    for the whole report, not a word: CLIP pools at the end token and BERT at ``[CLS]``, and the
+    global term already aligns them; CLIP's start token, causal, is the same for every report."""
+    return text_lib.word_mask(texts, config.model.text.get("pad_id", 0))
 
 
 def sharded_total_loss(mesh: Mesh, loss_config, **kwargs):
@@ -102,6 +129,8 @@ def batch_loss(model, config, mesh: Mesh, teacher, out, params, batch, teacher_p
     loss_batch = {k: batch[k] for k in _LOSS_BATCH_KEYS if k in batch}
     # Uncertain (−1) findings count as absent in the label-similarity loss (U-zeros).
     loss_batch["labels"] = jnp.maximum(batch["labels"], 0.0)
+    if loss_config.get("local_weight", 0.0) > 0:
+        loss_batch["word_mask"] = word_mask(config, batch["texts"])
     student_logits = teacher_logits = None
     if teacher is not None and loss_config.lambda_ > 0:
         temperature = config.teacher.temperature
