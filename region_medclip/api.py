@@ -3,10 +3,13 @@
 model = region_medclip.load("runs/tiny")
 probs = model.zero_shot(images_uint8)  # [B, F]: the findings, scored as the evaluator does
 probs = model.zero_shot(images_uint8, ["pleural effusion", "nodule"])   # [B, 2]
+probs = model.zero_shot(images_uint8, prompts="coop")  # learned prompts (python -m ...coop)
 heat = model.ground(image_uint8, "small nodule in the right upper zone")  # [S, S]
 """
 
+import functools
 import logging
+import os
 from collections.abc import Sequence
 
 import jax
@@ -18,6 +21,7 @@ from region_medclip import checkpointing
 from region_medclip.data import registry as data_registry
 from region_medclip.data import tokenizers as tokenizers_lib
 from region_medclip.data import transforms
+from region_medclip.evaluators import coop as coop_lib
 from region_medclip.evaluators import embeddings, grounding, zero_shot
 from region_medclip.models import clip
 
@@ -27,10 +31,14 @@ IMAGE_CHUNK = 32
 
 
 class Model:
-    """A trained ``RegionCLIP`` with its preprocessing and tokenizer. Outputs are numpy."""
+    """A trained ``RegionCLIP`` with its preprocessing and tokenizer. Outputs are numpy.
 
-    def __init__(self, config: ml_collections.ConfigDict, params):
+    ``path``: the workdir it was loaded from, where its learned prompts are found (None: none).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, params, path: str | None = None):
         self.config = config
+        self.path = path
         self.module = clip.from_config(config.model)
         self.params = params
         self.image_size = int(config.data.image_size)
@@ -117,6 +125,7 @@ class Model:
         prompts: str | None = None,
         negatives: str | None = None,
         dataset: str | None = None,
+        coop: str | None = None,
     ) -> np.ndarray:
         """Films (as :meth:`preprocess` takes them) and finding names → ``[B, F]``
         probabilities, each finding's positive prompt set weighed against its negative one;
@@ -127,16 +136,40 @@ class Model:
         negations (``negatives="prompts"``) or the normal-study prompts (``"normal"``).
         ``labels`` defaults to the dataset's findings; a name the dataset's prompt set does not
         know is prompted with the generic templates ("There is {label}."), with a warning.
+        ``prompts="coop"``: the learned prompts ``coop`` (:meth:`learned_prompts`) instead,
+        scored as the zero-shot evaluator with ``coop=`` their file scores.
 
         Raises:
-          ValueError: an unknown prompt or negative set, or a "no ..." label (it has no
-            negation).
+          ValueError: an unknown prompt or negative set, a "no ..." label (it has no
+            negation), or a label the learned prompts do not prompt.
+          FileNotFoundError: ``prompts="coop"`` and no learned prompts are saved.
         """
         settings = self.zero_shot_settings()
         overrides = dict(prompts=prompts, negatives=negatives, dataset=dataset)
         settings.update({k: v for k, v in overrides.items() if v is not None})
         # The run's data_dir: a user's dataset is found where it was prepared.
         entry = data_registry.get(settings["dataset"], self.config.data.get("data_dir"))
+        learned = self.learned_prompts(coop, entry.name) if settings["prompts"] == "coop" else None
+        kw = dict(
+            class_names=self._labels(labels, entry, warn=learned is None),
+            encode=embeddings.text_encoder(self.module, self.params, self.tokenizer, self.text_len),
+            logit_scale=self.logit_scale,
+        )
+        if learned is not None:
+            kw.update(learned=learned, encode_learned=self._learned_encoder)
+            probs_fn = zero_shot.learned_probabilities
+        else:
+            kw.update(prompts=settings["prompts"], negatives=settings["negatives"], dataset=entry)
+            probs_fn = zero_shot.finding_probabilities
+        return probs_fn(zimg=self.encode_image(self.preprocess(images)), **kw)[0]
+
+    def _labels(self, labels, entry, warn: bool) -> list[str]:
+        """``labels`` (default: the findings of ``entry``) lower-cased; ``warn``: of those the
+        dataset does not know, that the generic templates prompt them.
+
+        Raises:
+          ValueError: a "no ..." label.
+        """
         known = entry.class_names() if entry.label_names else []
         if labels is None:
             labels = self.dataset_findings(entry.name)
@@ -144,22 +177,43 @@ class Model:
         if any(label.startswith("no ") for label in labels):
             raise ValueError(f"zero_shot: labels {labels}: a 'no ...' class has no negation")
         unknown = [label for label in labels if label not in known]
-        if unknown:
+        if unknown and warn:
             _log.warning(
                 "zero_shot: %s not among %s's findings: prompted with the generic templates",
                 unknown,
                 entry.name,
             )
-        probs, _, _ = zero_shot.finding_probabilities(
-            zimg=self.encode_image(self.preprocess(images)),
-            class_names=labels,
-            encode=embeddings.text_encoder(self.module, self.params, self.tokenizer, self.text_len),
-            logit_scale=self.logit_scale,
-            prompts=settings["prompts"],
-            negatives=settings["negatives"],
-            dataset=entry,
-        )
-        return probs
+        return labels
+
+    @functools.cached_property
+    def _learned_encoder(self) -> coop_lib.Encoder:
+        # One per model: its jitted text tower compiles once for every later call.
+        return coop_lib.Encoder(self.module, self.params, self.tokenizer, self.text_len)
+
+    def learned_prompts(
+        self, name: str | None = None, dataset: str | None = None
+    ) -> coop_lib.LearnedPrompts:
+        """The learned prompts (CoOp) ``name`` of ``dataset`` (default: the run's): a file
+        ``<path>/coop/<dataset>/<name>.npz``, or ``name`` itself when it is the path of one;
+        None: those with the most shots saved there (the lowest seed among them).
+
+        Raises:
+          FileNotFoundError: none saved, naming the command that learns them.
+        """
+        dataset = dataset or self.zero_shot_settings()["dataset"]
+        if name and (name.endswith(".npz") or os.sep in name):
+            return coop_lib.load(name)
+        if self.path is None:
+            raise FileNotFoundError("learned prompts: this model was not loaded from a workdir")
+        if name:
+            return coop_lib.load(coop_lib.path(self.path, dataset, name))
+        found = coop_lib.saved(self.path, dataset)
+        if not found:
+            raise FileNotFoundError(
+                f"{self.path}: no learned prompts for {dataset!r}; learn them with python -m "
+                f"region_medclip.coop --workdir={self.path} --dataset={dataset}"
+            )
+        return found[0]
 
     def ground(self, image, phrase: str) -> np.ndarray:
         """One uint8 image and a phrase → ``[S, S]`` similarity heatmap over the preprocessed
@@ -210,4 +264,4 @@ def load(path: str, step: int | None = None, params: str = "params") -> Model:
             f"{path}: holds only {config['partial']['provides']} ({config['partial']['format']}),"
             " not a whole model; train from it with config.model.init_from"
         )
-    return Model(ml_collections.ConfigDict(config), params)
+    return Model(ml_collections.ConfigDict(config), params, path)

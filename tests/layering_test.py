@@ -31,6 +31,7 @@ LAYERS = {
     "region_medclip.convert": 7,
     "region_medclip.summary": 7,
     "region_medclip.ablation": 7,
+    "region_medclip.coop": 7,
     "region_medclip.imagenet_zero_shot": 7,
     "region_medclip.bench": 7,
     "region_medclip.benchmark": 7,

@@ -11,6 +11,11 @@
 - Single-label: images with exactly one label (including "no finding") are classified among all
   classes; top-1 / top-5 accuracy and macro F1.
 
+- Learned prompts (``coop=`` the path of a file that ``python -m region_medclip.coop`` wrote,
+  :mod:`coop`): CoOp's context vectors in place of the prompt set's words; multi-label ones weigh
+  each finding against their own negative (learned or normal-study), multi-class ones give the
+  softmax over their classes. ``prompts`` and ``negatives`` are then not used.
+
 The evaluator of kind ``zero_shot`` is :func:`run` (metrics) and :func:`plot` (ROC curves).
 """
 
@@ -19,6 +24,7 @@ import numpy as np
 from region_medclip.data import registry
 from region_medclip.data.prompts import NEGATIVE_TEMPLATES, NORMAL_PROMPTS, template_prompts
 from region_medclip.evaluators import common, plots
+from region_medclip.evaluators import coop as coop_lib
 
 __all__ = [
     "NEGATIVE_SETS",
@@ -27,6 +33,7 @@ __all__ = [
     "class_embeddings",
     "evaluate",
     "finding_probabilities",
+    "learned_probabilities",
     "normal_embeddings",
     "plot",
     "positive_probability",
@@ -42,6 +49,7 @@ OPTIONS = dict(
     bootstrap=1000,
     classes=(),  # the findings scored (e.g. CheXpert's five); (): every class
     class_names=(),  # names of ``labels [C]`` for a dataset that has none (a user's CSV)
+    coop="",  # the path of learned prompts (W/coop/<dataset>/<name>.npz); "": the prompt set
 )
 
 
@@ -111,6 +119,50 @@ def finding_probabilities(
     return positive_probability(zimg, zcls[findings], zneg, logit_scale), findings, zcls
 
 
+def learned_probabilities(
+    *,
+    zimg: np.ndarray,
+    class_names: list[str],
+    learned: coop_lib.LearnedPrompts,
+    encode_learned,
+    encode,
+    logit_scale: float,
+) -> tuple[np.ndarray, list[int], np.ndarray | None]:
+    """``p(finding | image)`` from learned prompts, as :func:`finding_probabilities` from a
+    prompt set.
+
+    ``encode_learned``: ``LearnedPrompts → [S, K, D]`` (:class:`coop.Encoder`); ``encode``:
+    ``list[str] → [n, D]``, for the normal-study prompts that ``negatives="normal"`` prompts
+    weigh against. Multi-label prompts score each finding by the two-way softmax of its positive
+    against its negative prompt; multi-class ones by the softmax over all their classes.
+
+    Returns ``(probs [N, F], finding class indices [F], class embeddings [C, D] or None)``:
+    multi-label prompts have none for "no finding", so no single-label classification.
+
+    Raises:
+      ValueError: naming the classes the learned prompts do not prompt.
+    """
+    findings = [c for c, name in enumerate(class_names) if not name.startswith("no ")]
+    multiclass = learned.task == "multiclass"
+    wanted = list(class_names) if multiclass else [class_names[c] for c in findings]
+    missing = [name for name in wanted if name not in learned.class_names]
+    if missing:
+        raise ValueError(
+            f"coop: the learned prompts of {learned.dataset!r} have no prompt for {missing}; "
+            f"they prompt {list(learned.class_names)}"
+        )
+    z = encode_learned(learned)
+    rows = [learned.class_names.index(class_names[c]) for c in findings]
+    if multiclass:
+        scores = logit_scale * zimg @ z[0].T
+        scores = np.exp(scores - scores.max(1, keepdims=True))
+        probs = scores / scores.sum(1, keepdims=True)
+        zcls = z[0][[learned.class_names.index(name) for name in class_names]]
+        return probs[:, rows], findings, zcls
+    zneg = z[1][rows] if learned.negatives == "learned" else normal_embeddings(encode, len(rows))
+    return positive_probability(zimg, z[0][rows], zneg, logit_scale), findings, None
+
+
 def _auroc_metrics(probs: np.ndarray, y: np.ndarray, names, bootstrap: int) -> dict[str, float]:
     """Per-class and macro AUROC (bootstrap CIs) and macro F1 of ``probs, y [N, F]``."""
     out: dict[str, float] = {}
@@ -141,27 +193,41 @@ def evaluate(
     negatives: str = "prompts",
     bootstrap: int = 1000,
     dataset: str | registry.Dataset,
+    learned: coop_lib.LearnedPrompts | None = None,
+    encode_learned=None,
 ) -> dict[str, float]:
     """All zero-shot metrics for images ``zimg [N, D]`` with multi-hot ``labels [N, C]``
-    (``prompts``, ``negatives`` and ``dataset`` as in :func:`finding_probabilities`).
+    (``prompts``, ``negatives`` and ``dataset`` as in :func:`finding_probabilities`; with
+    ``learned`` prompts and their ``encode_learned``, :func:`learned_probabilities` instead).
 
     Classes whose name starts with "no " (e.g. "no finding") have no negative prompt and are left
-    out of the multi-label AUROC; they take part in single-label classification.
+    out of the multi-label AUROC; they take part in single-label classification (not with
+    multi-label learned prompts: they prompt no "no finding").
     """
     labels = np.asarray(labels)
-    probs, findings, zcls = finding_probabilities(
-        zimg=zimg,
-        class_names=class_names,
-        encode=encode,
-        logit_scale=logit_scale,
-        prompts=prompts,
-        negatives=negatives,
-        dataset=dataset,
-    )
+    if learned is not None:
+        probs, findings, zcls = learned_probabilities(
+            zimg=zimg,
+            class_names=class_names,
+            learned=learned,
+            encode_learned=encode_learned,
+            encode=encode,
+            logit_scale=logit_scale,
+        )
+    else:
+        probs, findings, zcls = finding_probabilities(
+            zimg=zimg,
+            class_names=class_names,
+            encode=encode,
+            logit_scale=logit_scale,
+            prompts=prompts,
+            negatives=negatives,
+            dataset=dataset,
+        )
     names = [class_names[c] for c in findings]
     out = _auroc_metrics(probs, labels[:, findings], names, bootstrap)
     single = (labels == 1).sum(1) == 1
-    if single.any():
+    if single.any() and zcls is not None:
         logits = zimg[single] @ zcls.T
         targets = labels[single].argmax(1)
         out["top1"] = common.top_k_accuracy(logits, targets, 1)
@@ -214,19 +280,42 @@ def _scored(emb, ctx, classes, given):
     return labels[:, keep], [names[c] for c in keep]
 
 
+def _learned(ctx, coop: str):
+    """``(learned prompts, their encoder)`` of the file ``coop``, or ``(None, None)`` for ""."""
+    if not coop:
+        return None, None
+    if ctx.model is None or ctx.data_config is None:
+        raise ValueError(
+            f"config.evals.{ctx.name or '*'}.coop: learned prompts need the model in the "
+            "evaluator's context (run.evaluate gives it)"
+        )
+    encoder = coop_lib.Encoder(ctx.model, ctx.params, ctx.text.tokenizer, ctx.data_config.text_len)
+    return coop_lib.load(coop), encoder
+
+
 def run(
-    emb: dict[str, np.ndarray], *, ctx, prompts, negatives, bootstrap, classes, class_names
+    emb: dict[str, np.ndarray],
+    *,
+    ctx,
+    prompts,
+    negatives,
+    bootstrap,
+    classes,
+    class_names,
+    coop,
 ) -> dict[str, float]:
     """The ``zero_shot`` evaluator: :func:`evaluate` on ``emb["zimg"] [N, D]`` and
     ``emb["labels"] [N, C]`` with the class names and prompt sets of ``ctx.dataset`` (only
-    ``classes`` when given).
+    ``classes`` when given), or the learned prompts saved at ``coop``.
 
     Raises:
       ValueError: the dataset has no label names (and no ``class_names``), an unknown class,
-        prompt or negative set.
+        prompt or negative set, or a class the learned prompts do not prompt.
+      FileNotFoundError: ``coop`` names no file.
     """
     ctx.dataset.prompts(prompts, [])  # an unknown prompt set is named before anything else
     labels, names = _scored(emb, ctx, classes, class_names)
+    learned, encode_learned = _learned(ctx, coop)
     return evaluate(
         zimg=emb["zimg"],
         labels=labels,
@@ -237,6 +326,8 @@ def run(
         negatives=negatives,
         bootstrap=bootstrap,
         dataset=ctx.dataset,
+        learned=learned,
+        encode_learned=encode_learned,
     )
 
 
@@ -250,17 +341,20 @@ def plot(
     bootstrap,
     classes,
     class_names,
+    coop,
 ) -> None:
     """ROC curve of each finding class (``bootstrap`` unused: the curves have no CIs)."""
     del bootstrap
     labels, names = _scored(emb, ctx, classes, class_names)
-    probs, findings, _ = finding_probabilities(
-        zimg=emb["zimg"],
-        class_names=names,
-        encode=ctx.text.encode,
-        logit_scale=float(emb["logit_scale"]),
-        prompts=prompts,
-        negatives=negatives,
-        dataset=ctx.dataset,
-    )
+    learned, encode_learned = _learned(ctx, coop)
+    kw = dict(zimg=emb["zimg"], class_names=names, encode=ctx.text.encode)
+    kw.update(logit_scale=float(emb["logit_scale"]))
+    if learned is not None:
+        probs, findings, _ = learned_probabilities(
+            **kw, learned=learned, encode_learned=encode_learned
+        )
+    else:
+        probs, findings, _ = finding_probabilities(
+            **kw, prompts=prompts, negatives=negatives, dataset=ctx.dataset
+        )
     plots.plot_roc(probs, labels[:, findings], [names[c] for c in findings], path)
