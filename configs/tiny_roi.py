@@ -96,6 +96,8 @@ def get_config(arg: str | None = None):
     # fraction of a 96-px film as 8 px is of a 128-px one.
     c.evals.grounding.tolerance = 8.0
     c.evals.grounding_6px = dict(kind="grounding", tolerance=6.0, max_examples=600, bootstrap=200)
+    # Findings found without their boxes (docs/results.md): from `evaluate` only (every=0).
+    c.evals.detection = dict(kind="detection", every=0, prompts="combinatorial", max_examples=600)
     if args.data != "synth_cxr":
         _other_dataset(c, args.data)
     if args.text_from:
@@ -109,4 +111,5 @@ def _other_dataset(c, name: str) -> None:
     c.data.train = c.data.eval = name
     c.data.max_rois = 4
     c.evals.zero_shot.prompts = "templates"
+    c.evals.detection.prompts = "templates"
     del c.evals["zero_shot_captions"]

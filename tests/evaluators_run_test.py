@@ -24,6 +24,7 @@ KINDS = (
     "linear_probe",
     "fewshot",
     "phrase_grounding",
+    "detection",
 )
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +61,14 @@ def test_eval_config_defaults_and_errors():
     common = dict(
         kind="zero_shot", every=5, dataset=None, split="test", max_examples=0, batch_size=64
     )
-    own = dict(prompts="sentences", negatives="prompts", bootstrap=1000, classes=(), class_names=())
+    own = dict(
+        prompts="sentences",
+        negatives="prompts",
+        bootstrap=1000,
+        classes=(),
+        class_names=(),
+        coop="",
+    )
     assert cfg == dict(common, **own)
     assert registry.options(cfg) == own
     # One line may set a key for every evaluator: the kinds that do not read it ignore it.
@@ -119,7 +127,12 @@ def test_evaluate_dispatches_each_configured_kind(monkeypatch, tmp_path):
     assert all(r[1:4] == ("test", "synth_cxr", 4) for n, r in runs.items() if n in KINDS)
     assert runs["other"][1:4] == ("test", "roco", 4)
     assert runs["zero_shot"][4] == dict(
-        prompts="templates", negatives="prompts", bootstrap=1000, classes=(), class_names=()
+        prompts="templates",
+        negatives="prompts",
+        bootstrap=1000,
+        classes=(),
+        class_names=(),
+        coop="",
     )
     assert runs["grounding"][4] == dict(threshold=0.5, tolerance=0.0)
     assert runs["paired"][1] == "validation" and runs["paired"][4]["negatives"] == "normal"

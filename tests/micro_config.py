@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
     c.train.keep = 10
     if args.evals:  # every evaluator on 12 test films
         kinds = ("zero_shot", "retrieval", "regions", "grounding", "modality_gap", "multiclass")
-        for kind in (*kinds, "phrase_grounding"):
+        for kind in (*kinds, "phrase_grounding", "detection"):
             c.evals[kind] = dict(kind=kind, every=2, max_examples=12, batch_size=8, bootstrap=20)
         # The probes train on 24 films of the train split (a second embedding pass).
         probes = dict(every=2, max_examples=12, batch_size=8, train_examples=24)

@@ -146,3 +146,25 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path: str) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_detections(images, truths, found, titles: list[str], path: str) -> None:
+    """Films ``images [n, S, S]`` with their finding boxes (``truths[i] [G, 4]`` pixel xyxy,
+    green) and detections (``found[i]``: ``[(box [4] pixel xyxy, label str)]``, red)."""
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.3), squeeze=False)
+    for ax, image, truth, boxes, title in zip(axes[0], images, truths, found, titles, strict=True):
+        ax.imshow(image, cmap="gray")
+        for x0, y0, x1, y1 in truth:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.5))
+        for (x0, y0, x1, y1), label in boxes:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", lw=1.2))
+            ax.text(x0, y0, label, color="red", fontsize=6, va="bottom")
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -22,8 +22,8 @@ import numpy as np
 
 from region_medclip.data import registry as data_registry
 from region_medclip.data import tokenizers as tokenizers_lib
-from region_medclip.evaluators import embeddings as embeddings_lib
 from region_medclip.evaluators import (
+    detection,
     fewshot,
     grounding,
     multiclass,
@@ -32,6 +32,7 @@ from region_medclip.evaluators import (
     retrieval,
     zero_shot,
 )
+from region_medclip.evaluators import embeddings as embeddings_lib
 
 # The keys of every ``config.evals.<name>``, with their defaults.
 COMMON = dict(
@@ -116,6 +117,7 @@ KINDS: dict[str, Evaluator] = {
     "phrase_grounding": Evaluator(
         phrase_grounding.run, phrase_grounding.plot, phrase_grounding.OPTIONS
     ),
+    "detection": Evaluator(detection.run, detection.plot, detection.OPTIONS),
 }
 
 
