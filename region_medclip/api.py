@@ -22,7 +22,8 @@ from region_medclip.data import registry as data_registry
 from region_medclip.data import tokenizers as tokenizers_lib
 from region_medclip.data import transforms
 from region_medclip.evaluators import coop as coop_lib
-from region_medclip.evaluators import embeddings, grounding, zero_shot
+from region_medclip.evaluators import detect as detect_lib
+from region_medclip.evaluators import detection, embeddings, grounding, zero_shot
 from region_medclip.models import clip
 
 _log = logging.getLogger("region_medclip.api")
@@ -232,6 +233,60 @@ class Model:
         zphrase = self.encode_text_short([phrase])[0]
         heat = (np.asarray(zpatch) @ zphrase).reshape(grid, grid)
         return grounding.upsample(heat, self.image_size, self.image_size)
+
+    def detect(
+        self, images, phrases: Sequence[str], *, method: str = "grown", detections: int = 5
+    ) -> list[dict[str, np.ndarray]]:
+        """Films (as :meth:`preprocess` takes them) and phrases → for each film, the boxes
+        where each phrase is found without given boxes (``evaluators/detection.py``):
+        ``boxes [K, 4]`` pixel xyxy in the film as given, ``scores [K]`` probabilities (the
+        phrase against the nearest clear-region prompt), ``phrases [K]`` indices into
+        ``phrases``; at most ``detections`` a phrase, only boxes more like the phrase than any
+        clear region."""
+        films = self._films(images)
+        x = self.preprocess(films)
+        zphrase = self.encode_text_short(list(phrases))
+        znormal = self.encode_text_short(list(detect_lib.NORMAL_REGION_PROMPTS))
+        regions = jax.jit(
+            lambda p, t, b: self.module.apply(
+                {"params": p}, t, b, None, method=clip.RegionCLIP.encode_regions
+            )
+        )
+        out = []
+        for start in range(0, len(x), IMAGE_CHUNK):
+            _, tokens = self._image(self.params, jnp.asarray(x[start : start + IMAGE_CHUNK]))
+            found = detection.find_in_tokens(
+                np.asarray(tokens),
+                zphrase,
+                znormal,
+                encode_regions_fn=lambda t, b: np.asarray(regions(self.params, t, jnp.asarray(b))),
+                logit_scale=self.logit_scale,
+                method=method,
+                detections=detections,
+            )
+            for k, result in enumerate(found):
+                out.append(self._to_film(result, films[start + k].shape[:2]))
+        return out
+
+    def _films(self, images) -> list[np.ndarray]:
+        """``images`` as a list of single films (what :meth:`preprocess` accepts)."""
+        if isinstance(images, np.ndarray):
+            single = images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (3, 4))
+            return [images] if single else list(images)
+        return list(images)
+
+    def _to_film(self, found, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Detections in the padded square (normalised) → pixel boxes in a ``[H, W]`` film,
+        undoing :meth:`preprocess`'s resize and centred padding; scores as probabilities."""
+        height, width = shape
+        scale = self.image_size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        top, left = (self.image_size - new_h) // 2, (self.image_size - new_w) // 2
+        pixels = found.boxes * self.image_size - np.array([left, top, left, top])
+        boxes = pixels * np.array([width / new_w, height / new_h] * 2)
+        boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+        scores = 1.0 / (1.0 + np.exp(-np.asarray(found.scores, np.float64)))
+        return dict(boxes=boxes, scores=scores, phrases=found.phrases)
 
     def encode_text_short(self, texts: list[str]) -> np.ndarray:
         """Phrases → ``[n, D]`` L2-normalised, tokenized at the caption length the region losses

@@ -2,6 +2,7 @@
 
 python -m region_medclip.predict --workdir=DIR --image=cxr.png [--labels="pleural effusion,nodule"]
 python -m region_medclip.predict --workdir=DIR --image=cxr.png --phrase="..." --out=heat.png
+python -m region_medclip.predict --workdir=DIR --image=cxr.png --detect=nodule,effusion --out=b.png
 """
 
 import numpy as np
@@ -16,7 +17,10 @@ _LABELS = flags.DEFINE_list(
     "labels", [], "Comma-separated finding names (default: the findings of the run's dataset)."
 )
 _PHRASE = flags.DEFINE_string("phrase", None, "Phrase to ground.")
-_OUT = flags.DEFINE_string("out", "grounding.png", "Where the grounding heatmap PNG goes.")
+_DETECT = flags.DEFINE_list("detect", [], "Phrases to find without boxes (comma-separated).")
+_OUT = flags.DEFINE_string(
+    "out", None, "Where the heatmap (--phrase) or box overlay (--detect) PNG goes."
+)
 _PROMPTS = flags.DEFINE_string(
     "prompts", None, "Prompt set of the dataset's registry entry (default: the run's evaluator's)."
 )
@@ -38,6 +42,19 @@ def overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
     return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
 
 
+def draw_boxes(image: np.ndarray, found: dict, phrases: list[str]) -> Image.Image:
+    """The film ``image [H, W]`` uint8 with each detection's box and ``phrase score``."""
+    from PIL import ImageDraw
+
+    canvas = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    for box, score, phrase in zip(found["boxes"], found["scores"], found["phrases"], strict=True):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        draw.rectangle((x0, y0, x1, y1), outline=(255, 40, 40), width=2)
+        draw.text((x0 + 2, max(0.0, y0 - 11)), f"{phrases[phrase]} {score:.2f}", fill=(255, 80, 80))
+    return canvas
+
+
 def main(argv):
     del argv
     import region_medclip
@@ -48,15 +65,26 @@ def main(argv):
     except (OSError, ValueError) as err:
         raise app.UsageError(f"--image={_IMAGE.value}: cannot read it ({err})") from err
     model = region_medclip.load(_WORKDIR.value)
-    if _LABELS.value or not _PHRASE.value:  # without --labels: the dataset's findings
+    if _LABELS.value or not (_PHRASE.value or _DETECT.value):  # the dataset's findings
         labels = _LABELS.value or model.dataset_findings()
         probs = model.zero_shot(image, labels, prompts=_PROMPTS.value, negatives=_NEGATIVES.value)
         for label, p in zip(labels, probs[0], strict=True):
             print(f"{label:<30}{p:.4f}")
     if _PHRASE.value:
         heat = model.ground(image, _PHRASE.value)
-        overlay(model.preprocess(image)[0, ..., 0], heat).save(_OUT.value)
-        print(f"wrote {_OUT.value}")
+        out = _OUT.value or "grounding.png"
+        overlay(model.preprocess(image)[0, ..., 0], heat).save(out)
+        print(f"wrote {out}")
+    if _DETECT.value:
+        [found] = model.detect(image, _DETECT.value)
+        for box, score, phrase in zip(
+            found["boxes"], found["scores"], found["phrases"], strict=True
+        ):
+            coords = ", ".join(f"{v:.1f}" for v in box)
+            print(f"{_DETECT.value[phrase]:<30}{score:.4f}  [{coords}]")
+        out = _OUT.value or "detections.png"
+        draw_boxes(image, found, _DETECT.value).save(out)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

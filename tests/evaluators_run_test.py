@@ -325,6 +325,27 @@ def test_api_zero_shot_equals_the_evaluator(trained):
     np.testing.assert_allclose(model.zero_shot(list(rgb)), probs, atol=1e-6)
 
 
+def test_api_detect_returns_boxes_in_the_film_as_given(trained):
+    import region_medclip
+    from region_medclip.data import synth
+
+    model = region_medclip.load(str(trained["workdir"]))
+    square = synth.render_record(0, size=48)["image"]
+    tall = np.concatenate([square, square[:16]])  # 64 × 48: padded left and right
+    found = model.detect([square, tall], ["nodule", "pleural effusion"], detections=3)
+    assert len(found) == 2
+    for film, result in zip([square, tall], found, strict=True):
+        height, width = film.shape
+        boxes = result["boxes"]
+        assert boxes.shape[1:] == (4,) and len(boxes) == len(result["scores"])
+        assert (boxes[:, :2] <= boxes[:, 2:]).all()
+        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= width).all()
+        assert (boxes[:, [1, 3]] <= height).all()
+        assert ((result["scores"] > 0.5) & (result["scores"] <= 1)).all()  # above the clear zone
+        assert set(result["phrases"].tolist()) <= {0, 1}
+        assert np.bincount(result["phrases"], minlength=2).max() <= 3
+
+
 @pytest.mark.slow
 def test_predict_cli(trained, tmp_path):
     import region_medclip
@@ -368,6 +389,17 @@ def test_predict_cli(trained, tmp_path):
     expected = dict(zip(model.dataset_findings(), model.zero_shot(record["image"])[0], strict=True))
     assert list(printed) == list(expected)
     np.testing.assert_allclose(list(printed.values()), list(expected.values()), atol=1e-4)
+    # --detect: the boxes printed, and an overlay of the film as given.
+    boxes = tmp_path / "boxes.png"
+    proc = _run_module(
+        "region_medclip.predict",
+        f"--workdir={trained['workdir']}",
+        f"--image={png}",
+        "--detect=nodule,pleural effusion",
+        f"--out={boxes}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {boxes}" in proc.stdout and Image.open(boxes).size == (48, 48)
 
 
 @pytest.mark.slow

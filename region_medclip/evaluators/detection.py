@@ -60,42 +60,68 @@ def find(emb, *, ctx, phrases: np.ndarray, method, fraction, nms_iou, detections
     """:class:`detect.Detections` of ``phrases [P, D]`` in each film of ``emb["images"]``."""
     image_fn, regions_fn = _towers(ctx.model)
     znormal = ctx.text.encode(list(detect.NORMAL_REGION_PROMPTS))
-    grid, (gy, gx) = detect.heat_grid()
-    centres = ((grid[:, :2] + grid[:, 2:]) / 2).reshape(gy, gx, 2)
-    proposals = grid if method == "grown" else detect.window_proposals()
-    scale = float(emb["logit_scale"])
     areas = emb.get("image_box")
     found = []
     for start in range(0, len(emb["images"]), _BATCH):
         images = finetune.rgb_images(emb["images"][start : start + _BATCH])
         _, tokens = image_fn(ctx.params, jnp.asarray(images))
+        found += find_in_tokens(
+            np.asarray(tokens),
+            phrases,
+            znormal,
+            encode_regions_fn=lambda t, b: np.asarray(regions_fn(ctx.params, t, jnp.asarray(b))),
+            logit_scale=float(emb["logit_scale"]),
+            image_box=areas[start : start + _BATCH] if areas is not None else None,
+            method=method,
+            fraction=fraction,
+            nms_iou=nms_iou,
+            detections=detections,
+        )
+    return found
 
-        def encode(t, b):
-            return np.asarray(regions_fn(ctx.params, t, jnp.asarray(b)))
 
-        if method == "windows":
-            found += detect.detect(
-                np.asarray(tokens),
-                phrases,
-                znormal,
-                encode_regions_fn=encode,
-                logit_scale=scale,
-                proposals=proposals,
-                image_box=areas[start : start + _BATCH] if areas is not None else None,
-                iou=nms_iou,
-                top_k=detections,
-            )
-            continue
-        zroi = np.concatenate(
-            [
-                encode(tokens, np.broadcast_to(c, (len(tokens), *c.shape)))
-                for c in detect._chunks(proposals, detect.CHUNK)
-            ],
-            axis=1,
-        )[:, : len(proposals)]
-        for i in range(len(tokens)):
-            heat = detect.calibrated_logits(zroi[i], phrases, znormal, scale).reshape(gy, gx, -1)
-            found.append(_grown(heat, centres, fraction, detections))
+def find_in_tokens(
+    tokens: np.ndarray,
+    phrases: np.ndarray,
+    znormal: np.ndarray,
+    *,
+    encode_regions_fn,
+    logit_scale: float,
+    image_box=None,
+    method: str = "grown",
+    fraction: float = 0.5,
+    nms_iou: float = 0.3,
+    detections: int = 5,
+) -> list:
+    """:class:`detect.Detections` (normalised boxes, log-odds) of ``phrases [P, D]`` in each
+    image of ``tokens [B, h, w, width]`` (the image tower's patch tokens); ``encode_regions_fn``
+    and ``image_box [B, 4]`` as in :func:`detect.detect`, ``method`` as in the module
+    docstring. Shared by the evaluator and ``region_medclip.load(W).detect``."""
+    if method == "windows":
+        return detect.detect(
+            tokens,
+            phrases,
+            znormal,
+            encode_regions_fn=encode_regions_fn,
+            logit_scale=logit_scale,
+            proposals=detect.window_proposals(),
+            image_box=image_box,
+            iou=nms_iou,
+            top_k=detections,
+        )
+    grid, (gy, gx) = detect.heat_grid()
+    centres = ((grid[:, :2] + grid[:, 2:]) / 2).reshape(gy, gx, 2)
+    zroi = np.concatenate(
+        [
+            encode_regions_fn(tokens, np.broadcast_to(c, (len(tokens), *c.shape)))
+            for c in detect._chunks(grid, detect.CHUNK)
+        ],
+        axis=1,
+    )[:, : len(grid)]
+    found = []
+    for i in range(len(tokens)):
+        heat = detect.calibrated_logits(zroi[i], phrases, znormal, logit_scale)
+        found.append(_grown(heat.reshape(gy, gx, -1), centres, fraction, detections))
     return found
 
 
