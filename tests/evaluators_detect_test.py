@@ -89,3 +89,13 @@ def test_detect_runs_each_phrase_through_the_region_head():
         image_box=np.array([[0.0, 0.0, 1.0, 0.45]]),
     )
     assert 1 not in found.phrases.tolist()
+
+
+def test_the_detection_plot_of_a_split_without_findings_is_a_figure(tmp_path):
+    from PIL import Image
+
+    from region_medclip.evaluators import plots
+
+    plots.plot_detections(np.zeros((0, 8, 8)), [], [], [], str(tmp_path / "none.png"))
+    with Image.open(tmp_path / "none.png") as image:
+        assert image.format == "PNG"

@@ -155,8 +155,12 @@ def plot_detections(images, truths, found, titles: list[str], path: str) -> None
     from matplotlib.patches import Rectangle
 
     n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.3), squeeze=False)
-    for ax, image, truth, boxes, title in zip(axes[0], images, truths, found, titles, strict=True):
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(3 * max(n, 1), 3.3), squeeze=False)
+    if not n:  # a split without finding boxes: say so rather than fail the evaluation
+        axes[0, 0].text(0.5, 0.5, "no film with a finding box", ha="center", va="center")
+        axes[0, 0].axis("off")
+    panels = zip(axes[0][:n], images, truths, found, titles, strict=True)
+    for ax, image, truth, boxes, title in panels:
         ax.imshow(image, cmap="gray")
         for x0, y0, x1, y1 in truth:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.5))
