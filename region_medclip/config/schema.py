@@ -33,6 +33,9 @@ def _model() -> ml_collections.ConfigDict:
     s.image = dict(variant="B/16", pool="cls")
     s.text = dict(kind="clip", variant="B", vocab_size=49408, context_len=77)
     s.region = dict(roi_size=4, sampling_ratio=2, pool="mean", proj="shared")
+    # A box and an objectness logit from every patch token (models/boxes.py): the proposals of
+    # open-vocabulary detection; trained by loss.box_weight, off unless enabled.
+    s.box_head = dict(enabled=False, depth=2, detach=True)
     s.embed_dim = 512
     s.logit_scale_init = SOFTMAX_LOGIT_SCALE_INIT
     s.logit_bias_init = -10.0
@@ -62,6 +65,10 @@ def _loss() -> ml_collections.ConfigDict:
     # GLoRIA's temp1 (attention), temp2 (over words), temp3 (the cross-entropy's multiplier), and
     # the cells per axis of the patch grid the words attend over (0: the image tower's own grid).
     s.gloria = dict(temperature1=4.0, temperature2=5.0, temperature3=10.0, grid=0)
+    # The box head's loss (losses/boxes.py), weight ν (0: off): DETR's L1 and generalised-IoU
+    # weights on the cells a finding box is assigned to, and the objectness cross-entropy's.
+    s.box_weight = 0.0
+    s.box = dict(l1=5.0, giou=2.0, objectness=1.0)
     return s
 
 

@@ -110,10 +110,16 @@ def validate(
 
 
 def _check_loss(config: Mapping) -> None:
-    """Ranges of the local (GLoRIA) loss's keys."""
-    weight = _get(config, "loss.local_weight")
-    if weight is not None and weight < 0:
-        raise ConfigError(f"config.loss.local_weight={weight}: must be ≥ 0 (0: off)")
+    """Ranges of the local (GLoRIA) and box losses' keys."""
+    for key in ("local_weight", "box_weight"):
+        weight = _get(config, f"loss.{key}")
+        if weight is not None and weight < 0:
+            raise ConfigError(f"config.loss.{key}={weight}: must be ≥ 0 (0: off)")
+    box = _get(config, "loss.box_weight")
+    if box and not _get(config, "model.box_head.enabled"):
+        raise ConfigError(
+            f"config.loss.box_weight={box} trains a box head: set config.model.box_head.enabled"
+        )
     for key in ("temperature1", "temperature2", "temperature3"):
         value = _get(config, f"loss.gloria.{key}")
         if value is not None and not value > 0:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from region_medclip.config import ConfigError
 from region_medclip.config.validate import check_type
+from region_medclip.models import boxes as boxes_lib
 from region_medclip.models import layers
 from region_medclip.models import region as region_lib
 from region_medclip.models import text as text_lib
@@ -33,6 +34,8 @@ class RegionCLIP(nn.Module):
     - ``text``: ``kind`` (``clip`` | ``bert``), ``variant`` plus the tower's fields
       (``vocab_size``, ``context_len``, ``eot``, ``pool``, ...).
     - ``region``: :class:`~region_medclip.models.region.RegionHead` fields.
+    - ``box_head``: ``enabled`` plus :class:`~region_medclip.models.boxes.BoxHead` fields; None
+      or not enabled: no box head.
 
     Attributes:
       embed_dim: joint embedding size D.
@@ -48,6 +51,7 @@ class RegionCLIP(nn.Module):
     image: Mapping[str, Any]
     text: Mapping[str, Any]
     region: Mapping[str, Any]
+    box_head: Mapping[str, Any] | None = None
     embed_dim: int = 512
     logit_scale_init: float = math.log(1 / 0.07)
     logit_bias_init: float = -10.0
@@ -72,12 +76,29 @@ class RegionCLIP(nn.Module):
             text.pop("kind"), text.pop("variant"), remat=self.remat, **text, **kw
         )
         self.region_tower = region_lib.RegionHead(**dict(self.region), **kw)
+        if self.has_box_head:
+            fields = {k: v for k, v in dict(self.box_head).items() if k != "enabled"}
+            self.box_tower = boxes_lib.BoxHead(
+                **fields, dtype=kw["dtype"], param_dtype=kw["param_dtype"]
+            )
         self.logit_scale = self.param(
             "logit_scale", nn.initializers.constant(self.logit_scale_init), (), jnp.float32
         )
         self.logit_bias = self.param(
             "logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32
         )
+
+    @property
+    def has_box_head(self) -> bool:
+        """Whether ``box_head`` is configured and enabled."""
+        return bool(self.box_head) and bool(dict(self.box_head).get("enabled", False))
+
+    def propose_boxes(self, patch_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``patch_tokens [B, h, w, width]`` → the box head's ``boxes [B, h·w, 4]`` (normalised
+        xyxy, unclipped) and ``objectness [B, h·w]`` logits (:mod:`.boxes`)."""
+        if not self.has_box_head:
+            raise ValueError("this model has no box head (config.model.box_head.enabled)")
+        return boxes_lib.decode(self.box_tower(patch_tokens))
 
     def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``images [B, H, W, C]`` → ``zimg [B, D]`` (L2-normalised, float32) and
@@ -138,10 +159,11 @@ class RegionCLIP(nn.Module):
         Returns:
           dict with ``zimg [B, D]``, ``ztxt [B, D]``, ``zroi [B, R, D]``, ``logit_scale`` (the
           parameter ``t'``; the temperature is ``exp(t')``), ``logit_bias`` and
-          ``patch_tokens [B, h, w, width]``.
+          ``patch_tokens [B, h, w, width]``; with a box head also ``proposals [B, h·w, 4]``
+          and ``objectness [B, h·w]`` (:meth:`propose_boxes`).
         """
         zimg, patch_tokens = self.encode_image(images)
-        return dict(
+        out = dict(
             zimg=zimg,
             ztxt=self.encode_text(texts),
             zroi=self.encode_regions(patch_tokens, boxes, roi_mask),
@@ -149,6 +171,9 @@ class RegionCLIP(nn.Module):
             logit_bias=self.logit_bias,
             patch_tokens=patch_tokens,
         )
+        if self.has_box_head:
+            out["proposals"], out["objectness"] = self.propose_boxes(patch_tokens)
+        return out
 
 
 def example_inputs(data_config, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
@@ -170,6 +195,7 @@ def from_config(model_config: Mapping[str, Any]) -> RegionCLIP:
         "image",
         "text",
         "region",
+        "box_head",
         "embed_dim",
         "logit_scale_init",
         "logit_bias_init",
@@ -182,6 +208,8 @@ def from_config(model_config: Mapping[str, Any]) -> RegionCLIP:
     kwargs = {k: v for k, v in dict(model_config).items() if k in fields}
     for tower in ("image", "text", "region"):
         kwargs[tower] = dict(kwargs[tower])
+    if kwargs.get("box_head") is not None:
+        kwargs["box_head"] = dict(kwargs["box_head"])
     return RegionCLIP(**kwargs)
 
 
@@ -198,19 +226,24 @@ def _tower_module(name: str, tower: Mapping[str, Any]) -> tuple[type, set[str]]:
         if kind not in ("clip", "bert"):
             raise ConfigError(f"config.model.text.kind: {kind!r} is not one of ['clip', 'bert']")
         return (text_lib.CLIPText if kind == "clip" else text_lib.BertText), {"kind", "variant"}
+    if name == "box_head":
+        return boxes_lib.BoxHead, {"enabled"}
     return region_lib.RegionHead, set()
 
 
 def check_towers(model_config: Mapping[str, Any]) -> None:
-    """Checks the keys of ``config.model.{image,text,region}`` against the fields of the modules
-    they go into, so that a misspelt field fails before anything is built, naming the key.
+    """Checks the keys of ``config.model.{image,text,region,box_head}`` against the fields of
+    the modules they go into, so that a misspelt field fails before anything is built, naming
+    the key.
 
     Raises:
       ConfigError: ``config.model.image.depht: unknown key; known here: [...]``.
     """
-    for name in ("image", "text", "region"):
+    for name in ("image", "text", "region", "box_head"):
         path = f"model.{name}"
         if model_config.get(name) is None:
+            if name == "box_head":  # optional: configs saved before it existed have none
+                continue
             raise ConfigError(f"config.{path}: missing")
         tower = dict(model_config[name])
         module, extra = _tower_module(name, tower)

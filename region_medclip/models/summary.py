@@ -13,6 +13,7 @@ _TOWERS = {
     "image_tower": "image",
     "text_tower": "text",
     "region_tower": "region",
+    "box_tower": "region",
     "logit_scale": "head",
     "logit_bias": "head",
 }

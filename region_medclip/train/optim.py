@@ -15,7 +15,12 @@ import jax.numpy as jnp
 import optax
 
 # Top-level param collections → the tower they belong to (`config.optim.tower_lr` keys).
-TOWERS = {"image_tower": "image", "text_tower": "text", "region_tower": "region"}
+TOWERS = {
+    "image_tower": "image",
+    "text_tower": "text",
+    "region_tower": "region",
+    "box_tower": "region",
+}
 HEAD = "head"  # logit_scale, logit_bias and anything else outside the towers
 FROZEN = "frozen"
 # Param names (the first key inside a tower) that come before its first block: patch and token
@@ -131,6 +136,23 @@ def decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+def _clipping(params, max_norm: float) -> list[optax.GradientTransformation]:
+    """Global-norm clipping; the box head (``box_tower``) is clipped on its own norm. Its loss
+    reaches only itself when detached (models/boxes.py), and its gradients must not shrink the
+    clipped step of the towers either: a recipe trains the same with or without the head."""
+    if "box_tower" not in params:
+        return [optax.clip_by_global_norm(max_norm)]
+    box = {
+        name: jax.tree.map(lambda _, is_box=name == "box_tower": is_box, tree)
+        for name, tree in params.items()
+    }
+    rest = jax.tree.map(lambda b: not b, box)
+    return [
+        optax.masked(optax.clip_by_global_norm(max_norm), rest),
+        optax.masked(optax.clip_by_global_norm(max_norm), box),
+    ]
+
+
 def make_optimizer(
     optim_config, params, total_steps: int
 ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
@@ -173,7 +195,7 @@ def make_optimizer(
     frozen = jax.tree.map(lambda g: g == FROZEN, labels)
     chain = [optax.masked(optax.set_to_zero(), frozen)]  # frozen grads out of the global norm
     if optim_config.grad_clip and optim_config.grad_clip > 0:
-        chain.append(optax.clip_by_global_norm(optim_config.grad_clip))
+        chain += _clipping(params, optim_config.grad_clip)
     chain.append(optax.multi_transform(groups, labels))
     if layer_decay < 1.0:
         # AdamW's update (weight decay included) is linear in its learning rate, so scaling the
