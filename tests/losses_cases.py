@@ -189,6 +189,29 @@ def case_gloria_local(rng, n):
     return losses.gloria_local_loss, arrays, static, ("zwords", "zpatch")
 
 
+def _random_boxes(rng, *shape):
+    """``[*shape, 4]`` xyxy boxes with positive extents inside the unit square."""
+    low = rng.uniform(0.0, 0.6, (*shape, 2))
+    return np.concatenate([low, low + rng.uniform(0.05, 0.4, (*shape, 2))], -1).astype(np.float32)
+
+
+def case_box(rng, n):
+    """The box head's proposals against assigned targets; cells without one hold garbage."""
+    num = n * NUM_DEVICES
+    positive = rng.random((num, NUM_PATCHES)) < 0.4
+    positive[0, 0] = True  # at least one assigned cell in the batch
+    targets = _random_boxes(rng, num, NUM_PATCHES)
+    targets[~positive] = np.nan  # never read where no box is assigned
+    arrays = dict(
+        boxes=_random_boxes(rng, num, NUM_PATCHES),
+        objectness=rng.normal(0.0, 2.0, (num, NUM_PATCHES)).astype(np.float32),
+        targets=targets,
+        positive=positive,
+    )
+    static = dict(l1=5.0, giou=2.0, objectness_weight=1.0)  # DETR's weights
+    return losses.box_loss, arrays, static, ("boxes", "objectness")
+
+
 CASES = {
     "softmax": case_softmax,
     "softmax_hard_negatives": case_softmax_hard_negatives,
@@ -203,6 +226,7 @@ CASES = {
     "negative_caption": case_negative_caption,
     "distillation": case_distillation,
     "gloria_local": case_gloria_local,
+    "box": case_box,
 }
 # The cases each test module runs, by the module of region_medclip.losses they test.
 CASE_GROUPS = {
@@ -217,6 +241,7 @@ CASE_GROUPS = {
     "sigmoid": ("sigmoid_gather", "sigmoid_ring"),
     "region": ("distillation", "negative_caption", "roi", "roi_without_ids"),
     "local": ("gloria_local",),
+    "boxes": ("box",),
 }
 assert sorted(sum(CASE_GROUPS.values(), ())) == sorted(CASES), "every case belongs to one group"
 

@@ -146,6 +146,27 @@ def np_gloria_local_loss(zwords, word_mask, zpatch, temperature1, temperature2, 
     return (loss_i2t + loss_t2i) / 2
 
 
+def np_giou(a, b):
+    """Generalised IoU of two xyxy boxes, from the definition."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(
+        0.0, min(a[3], b[3]) - max(a[1], b[1])
+    )
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union - (hull - union) / hull
+
+
+def np_box_loss(boxes, objectness, targets, positive, l1, giou, objectness_weight):
+    """The box loss cell by cell: L1 and 1 − GIoU over assigned cells, BCE over all."""
+    boxes, targets = boxes.astype(np.float64), targets.astype(np.float64)
+    cells = list(zip(*np.nonzero(positive), strict=True))
+    distance = np.mean([np.abs(boxes[c] - targets[c]).sum() for c in cells])
+    gen = np.mean([1.0 - np_giou(boxes[c], targets[c]) for c in cells])
+    p = 1.0 / (1.0 + np.exp(-objectness.astype(np.float64)))
+    bce = -np.mean(np.where(positive, np.log(p), np.log(1.0 - p)))
+    return l1 * distance + giou * gen + objectness_weight * bce
+
+
 # "sigmoid_gather" has no entry: dense, the two sigmoid impls are the same loss.
 REFERENCES = {
     "softmax": lambda a, s: np_softmax_loss(a["zimg"], a["ztxt"], a["logit_scale"]),
@@ -189,4 +210,5 @@ REFERENCES = {
     "gloria_local": lambda a, s: np_gloria_local_loss(
         a["zwords"], a["word_mask"], a["zpatch"], **s
     ),
+    "box": lambda a, s: np_box_loss(**a, **s),
 }

@@ -27,6 +27,9 @@ def get_config(arg: str | None = None):
     c.model.text = dict(kind="clip", variant="mu", vocab_size=1024, context_len=32)
     c.model.region = dict(roi_size=2, sampling_ratio=1, pool="mean", proj="shared")
     c.model.embed_dim = 32
+    # The box head as the tiny default trains it (detection's proposals).
+    c.model.box_head = dict(enabled=True, depth=1, detach=True)
+    c.loss.box_weight = 1.0
     c.loss.global_kind = args.kind
     if args.kind == "sigmoid":
         c.model.logit_scale_init = config_lib.SIGMOID_LOGIT_SCALE_INIT

@@ -170,3 +170,21 @@ def test_image_box_follows_the_film_through_resize_pad_and_aspect_pad():
     out = transforms.ResizePad(size=32).map(square)
     np.testing.assert_array_equal(out["image_box"], [0, 0, 32, 32])
     np.testing.assert_array_equal(_finalized_box(out), [0, 0, 1, 1])
+
+
+def test_box_finding_marks_real_boxes_not_of_the_no_finding_class():
+    """synth_cxr's clear lung zones (class 0, "no finding") are boxes but no findings; padded
+    boxes are neither; with no such class every real box is a finding."""
+    example = dict(
+        image=np.zeros((16, 16), np.uint8),
+        report="Nodule.",
+        boxes=np.array([[1, 1, 5, 5], [8, 8, 12, 12]], np.float32),
+        box_captions=["nodule", "clear right upper zone"],
+        box_labels=[1, 0],
+        labels=[0.0, 1.0],
+    )
+    kw = dict(tokenizer=tokenizers.synth_bpe(), max_rois=3, text_len=8, num_negatives=0)
+    out = transforms.Finalize(**kw, no_finding=0).map(example)
+    np.testing.assert_array_equal(out["box_finding"], [True, False, False])
+    out = transforms.Finalize(**kw).map(example)
+    np.testing.assert_array_equal(out["box_finding"], [True, True, False])

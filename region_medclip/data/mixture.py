@@ -127,6 +127,7 @@ class Unpair(grain.transforms.Map):
         else:
             out["texts"] = np.zeros_like(example["texts"])
         out["roi_mask"] = np.zeros_like(example["roi_mask"])
+        out["box_finding"] = np.zeros_like(example["box_finding"])
         out["neg_mask"] = np.zeros_like(example["neg_mask"])
         out["cap_ids"] = np.full_like(example["cap_ids"], -1)
         if "report_neg_mask" in example:

@@ -29,6 +29,15 @@ def source(name: str, split: str, data_config) -> Any:
     return registry.get(name, data_config.data_dir).data_source(split, data_config)
 
 
+def no_finding_index(name: str, data_config) -> int:
+    """The "no finding" label index of dataset ``name``, or -1 (no such class, or ``name`` is
+    not a dataset: in-memory records)."""
+    try:
+        return registry.get(name, data_config.data_dir).no_finding_index()
+    except KeyError:
+        return -1
+
+
 class _CountingBatch(grain.IterDataset):
     """Batches examples, dropping those marked ``_skip`` and counting them in the batch; a
     finite pass ends with a partial batch rather than losing its last examples. With
@@ -112,10 +121,11 @@ def make_dataset(
     shard = dict(process_index=process_index, process_count=process_count, tokenizer=tokenizer)
     labels = ()
     if records is not None or not train or not mixture.is_mixture(data_config.train):
+        name = data_config.train if train else data_config.eval
         if records is None:
-            name = data_config.train if train else data_config.eval
             records = source(name, split, data_config)
-        ds = _examples(records, data_config, train=train, seed=seed, **shard)
+        no_finding = no_finding_index(name, data_config)
+        ds = _examples(records, data_config, train=train, seed=seed, no_finding=no_finding, **shard)
     else:
         ds, labels = _mixture(data_config, split, seed, shard)
     ds = _CountingBatch(ds.to_iter_dataset(), batch_size, labels)
@@ -141,13 +151,24 @@ def _mixture(data_config, split: str, seed: int, shard: dict) -> tuple[grain.Map
             raise ValueError(f"config.data.train: source {src.label!r}: {err}") from err
         if src.parts > 1:
             records = records[src.part :: src.parts]
-        examples = _examples(records, data_config, train=True, seed=seed + 1000 * i, **shard)
+        no_finding = no_finding_index(src.name, data_config)
+        examples = _examples(
+            records, data_config, train=True, seed=seed + 1000 * i, no_finding=no_finding, **shard
+        )
         streams.append(examples.map(mixture.Unpair(src.kind)))
     return mixture.mix(streams, sources), [s.label for s in sources]
 
 
 def _examples(
-    records, data_config, *, train: bool, seed: int, process_index, process_count, tokenizer
+    records,
+    data_config,
+    *,
+    train: bool,
+    seed: int,
+    process_index,
+    process_count,
+    tokenizer,
+    no_finding: int = -1,
 ) -> grain.MapDataset:
     """This process's shard of ``records``, seeded (shuffled and repeated forever when
     ``train``), decoded, resized, augmented when ``train`` and finalised into model inputs."""
@@ -174,6 +195,7 @@ def _examples(
             caption_len=data_config.get("caption_len", 0),
             # Hard-negative reports serve the training loss only.
             report_negatives=data_config.get("report_negatives", 0) if train else 0,
+            no_finding=no_finding,
         )
     )
 

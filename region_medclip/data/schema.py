@@ -212,6 +212,7 @@ def random_batch(data_config, batch_size: int, seed: int = 0) -> dict[str, np.nd
         neg_mask=np.repeat(roi_mask[..., None], k, -1),
         labels=(rng.random((b, 8)) < 0.3).astype(np.float32),
         box_labels=np.zeros((b, r), np.int32),
+        box_finding=roi_mask & (rng.random((b, r)) < 0.5),
         **_random_report_negatives(rng, b, d.get("report_negatives", 0), d.text_len),
     )
 

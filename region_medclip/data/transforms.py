@@ -302,11 +302,13 @@ class Finalize(grain.transforms.Map):
     Output keys (``L`` = ``text_len``, ``Lc`` = ``caption_len`` or ``L``): ``images [S, S, 3]``
     float32, ``texts [L]``, ``boxes [R, 4]`` normalised xyxy,
     ``roi_mask [R]``, ``captions [R, Lc]``, ``cap_ids [R]``, ``negatives [R, K, Lc]``,
-    ``neg_mask [R, K]``, ``labels [C]``, ``box_labels [R]``, ``image_box [4]`` (the film's
-    area in the frame, normalised xyxy); with ``report_negatives = Kr > 0``
-    also ``report_negatives [Kr, L]`` and ``report_neg_mask [Kr]`` (the report with a finding,
-    side or zone changed: ``negatives.report_negatives``); and the counts ``truncated_rois``
-    (boxes past ``max_rois``) and ``truncated_texts`` (texts cut to fit).
+    ``neg_mask [R, K]``, ``labels [C]``, ``box_labels [R]``, ``box_finding [R]`` (the boxes
+    that show a finding: real, and not of the ``no_finding`` class, e.g. a clear lung zone),
+    ``image_box [4]`` (the film's area in the frame, normalised xyxy); with
+    ``report_negatives = Kr > 0`` also ``report_negatives [Kr, L]`` and ``report_neg_mask [Kr]``
+    (the report with a finding, side or zone changed: ``negatives.report_negatives``); and the
+    counts ``truncated_rois`` (boxes past ``max_rois``) and ``truncated_texts`` (texts cut to
+    fit).
     """
 
     tokenizer: TextTokenizer
@@ -316,6 +318,7 @@ class Finalize(grain.transforms.Map):
     seed: int = 0
     caption_len: int = 0  # 0: text_len
     report_negatives: int = 0
+    no_finding: int = -1  # the source's "no finding" label index (-1: none)
 
     def map(self, example: dict) -> dict:
         if "_skip" in example:
@@ -358,6 +361,7 @@ class Finalize(grain.transforms.Map):
             neg_mask=neg_mask,
             labels=np.asarray(example["labels"], np.float32),
             box_labels=box_labels,
+            box_finding=(np.arange(rois) < count) & (box_labels != self.no_finding),
             # The film's area in the square frame, normalised xyxy (padding outside it);
             # training augmentation does not move it: only evaluation reads it.
             image_box=np.asarray(example.get("image_box", [0, 0, size, size]), np.float32) / size,

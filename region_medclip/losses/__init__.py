@@ -16,9 +16,11 @@ Modules:
   sigmoid      sigmoid_contrastive_loss (§4.2): all-gather, or a ppermute ring with a custom VJP.
   region       roi_contrastive_loss, negative_caption_loss, distillation_loss (§4.5).
   local        gloria_local_loss and its local_similarity (§4.6): report words attend over patches.
+  boxes        box_loss (§4.7): the box head's L1 + generalised IoU and objectness.
   total        total_loss (§4.5) and GLOBAL_KINDS, the choices of config.loss.global_kind.
 """
 
+from region_medclip.losses.boxes import box_loss
 from region_medclip.losses.collectives import Metrics
 from region_medclip.losses.contrastive import dhn_nce_loss, medclip_loss, softmax_contrastive_loss
 from region_medclip.losses.local import gloria_local_loss, local_similarity
@@ -33,6 +35,7 @@ from region_medclip.losses.total import GLOBAL_KINDS, total_loss
 __all__ = [
     "GLOBAL_KINDS",
     "Metrics",
+    "box_loss",
     "dhn_nce_loss",
     "distillation_loss",
     "gloria_local_loss",

@@ -1,7 +1,8 @@
-"""The weighted training loss: L_total = α L_global + β L_ROI + γ L_neg + λ L_distill + μ L_local.
+"""The weighted training loss: L_total = α L_global + β L_ROI + γ L_neg + λ L_distill + μ L_local
++ ν L_box.
 
-Equations: docs/design.md §4.5 (L_local: §4.6). `config.loss.global_kind` picks L_global among
-GLOBAL_KINDS.
+Equations: docs/design.md §4.5 (L_local: §4.6, L_box: §4.7). `config.loss.global_kind` picks
+L_global among GLOBAL_KINDS.
 """
 
 from collections.abc import Callable, Mapping
@@ -10,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from region_medclip.losses.boxes import box_loss
 from region_medclip.losses.collectives import Metrics
 from region_medclip.losses.contrastive import dhn_nce_loss, medclip_loss, softmax_contrastive_loss
 from region_medclip.losses.local import gloria_local_loss
@@ -119,6 +121,21 @@ def _local_term(out, batch, loss_config, axis_name):
     )
 
 
+def _box_term(out, batch, loss_config, axis_name):
+    """The box head's loss with the weights of ``config.loss.box``."""
+    cfg = loss_config.box
+    return box_loss(
+        boxes=out["proposals"],
+        objectness=out["objectness"],
+        targets=batch["box_targets"],
+        positive=batch["box_positive"],
+        l1=cfg.l1,
+        giou=cfg.giou,
+        objectness_weight=cfg.objectness,
+        axis_name=axis_name,
+    )
+
+
 def _weighted_sum(weights: Mapping[str, float], term_fns: Mapping[str, Callable]):
     """Σ weight × term over `weights` in order, skipping (and reporting 0 for) zero weights.
 
@@ -146,7 +163,8 @@ def total_loss(
     teacher_logits=None,
     axis_name=None,
 ) -> tuple[jax.Array, Metrics]:
-    """L_total = α L_global + β L_ROI + γ L_neg + λ L_distill + μ L_local (docs/design.md §4.5).
+    """L_total = α L_global + β L_ROI + γ L_neg + λ L_distill + μ L_local + ν L_box
+    (docs/design.md §4.5).
 
     A term whose weight is 0 is not computed (its inputs may be absent) and reports 0.
 
@@ -156,17 +174,20 @@ def total_loss(
         [n, R, D]` and `zcap [n, R, D]` (embeddings of the ROI captions) when β > 0 or γ > 0;
         `zneg [n, R, K, D]` (hard-negative captions) when γ > 0; optional `zrneg [n, Kr, D]`
         (hard-negative reports of the softmax global loss, masked by `report_neg_mask`); `zwords
-        [n, L, D]` (report words) and `zpatch [n, P, D]` (patch cells) when μ > 0.
+        [n, L, D]` (report words) and `zpatch [n, P, D]` (patch cells) when μ > 0;
+        `proposals [n, K, 4]` and `objectness [n, K]` (the box head's) when ν > 0.
       batch: `roi_mask [n, R]` when β, γ or λ > 0; optional `cap_ids [n, R]` (duplicates are ROI
         positives); `neg_mask [n, R, K]` when γ > 0; `labels [n, C]` for global_kind "medclip"
         (also the text labels unless `txt_labels [n, C]` is given), with optional `has_image`,
         `has_text [n]` (rows of unpaired sources: the side a row lacks is masked out); `word_mask
-        [n, L]` (the words of L_local) when μ > 0.
+        [n, L]` (the words of L_local) when μ > 0; `box_targets [n, K, 4]` and `box_positive
+        [n, K]` (models.boxes.assign) when ν > 0.
       loss_config: `config.loss`: global_kind ("softmax" | "sigmoid" | "medclip" | "dhn_nce"),
         alpha, beta, gamma, lambda_, roi_temperature (τ of the region losses; 0 or None: the
         learned t), sigmoid_impl ("ring" | "gather"), dhn_nce.{temperature, beta1, beta2,
         reduction}, medclip.label_temperature, local_weight (μ; absent: 0),
-        gloria.{temperature1, temperature2, temperature3}.
+        gloria.{temperature1, temperature2, temperature3}, box_weight (ν; absent: 0),
+        box.{l1, giou, objectness}.
       student_logits, teacher_logits: [n, R, C] ROI-concept logits divided by their temperatures;
         without teacher logits the distillation term is skipped (λ treated as 0).
       axis_name: None for the dense loss, else the mesh axis the batch is sharded over.
@@ -174,7 +195,7 @@ def total_loss(
     Returns:
       loss: [] the weighted total.
       metrics: `loss`, `<term>/loss` and every metric of each term (`global/`, `roi/`, `neg/`,
-        `distill/`, `local/`), the weights, `logit_scale` (t) and `temperature` (1 / t).
+        `distill/`, `local/`, `box/`), the weights, `logit_scale` (t) and `temperature` (1 / t).
     """
     cfg = loss_config
     logit_scale = jnp.exp(jnp.asarray(out["logit_scale"], jnp.float32))
@@ -184,9 +205,11 @@ def total_loss(
     lambda_ = cfg.lambda_ if teacher_logits is not None else 0.0
     weights = {"global": cfg.alpha, "roi": cfg.beta, "neg": cfg.gamma, "distill": lambda_}
     weights["local"] = cfg.get("local_weight", 0.0)
+    weights["box"] = cfg.get("box_weight", 0.0)
     term_fns = {
         "global": lambda: _global_term(cfg.global_kind, out, batch, cfg, logit_scale, axis_name),
         "local": lambda: _local_term(out, batch, cfg, axis_name),
+        "box": lambda: _box_term(out, batch, cfg, axis_name),
         **_region_terms(out, batch, roi_scale, student_logits, teacher_logits, axis_name),
     }
     total, metrics = _weighted_sum(weights, term_fns)

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from region_medclip import losses
 from region_medclip import sharding as sharding_lib
+from region_medclip.models import boxes as boxes_lib
 from region_medclip.models import clip
 from region_medclip.models import text as text_lib
 from region_medclip.models.region import patch_boxes
@@ -89,6 +90,18 @@ def word_mask(config, texts: jax.Array) -> jax.Array:
     return text_lib.word_mask(texts, config.model.text.get("pad_id", 0))
 
 
+def box_targets(batch, cells: int) -> dict[str, jax.Array]:
+    """The box loss's ``box_targets [n, K, 4]`` and ``box_positive [n, K]``: the finding boxes
+    of ``batch`` (``boxes``, ``roi_mask``, ``box_finding``) assigned to the ``K = g²`` cells of
+    the (square) patch grid (:func:`models.boxes.assign`)."""
+    grid = math.isqrt(cells)
+    if grid * grid != cells:
+        raise ValueError(f"the box head's {cells} cells are not a square patch grid")
+    finding = jnp.asarray(batch["roi_mask"], bool) & jnp.asarray(batch["box_finding"], bool)
+    targets, positive = boxes_lib.assign(batch["boxes"], finding, grid, grid)
+    return dict(box_targets=targets, box_positive=positive)
+
+
 def sharded_total_loss(mesh: Mesh, loss_config, **kwargs):
     """``losses.total_loss`` over the global batch, run per device inside ``jax.shard_map``
     (its specs split every non-scalar over the batch axes of :mod:`region_medclip.sharding`)."""
@@ -131,6 +144,8 @@ def batch_loss(model, config, mesh: Mesh, teacher, out, params, batch, teacher_p
     loss_batch["labels"] = jnp.maximum(batch["labels"], 0.0)
     if loss_config.get("local_weight", 0.0) > 0:
         loss_batch["word_mask"] = word_mask(config, batch["texts"])
+    if loss_config.get("box_weight", 0.0) > 0:
+        loss_batch.update(box_targets(batch, out["proposals"].shape[1]))
     student_logits = teacher_logits = None
     if teacher is not None and loss_config.lambda_ > 0:
         temperature = config.teacher.temperature
