@@ -41,6 +41,10 @@ def get_config(arg: str | None = None):
     else:
         raise ValueError(f"tiny_roi: text={args.text!r}; choose bert or clip")
     c.model.region = dict(roi_size=2, sampling_ratio=2, pool="mean", proj="shared")
+    # The box head proposes a box a patch for detection without given boxes. It is detached and
+    # clipped on its own, so the towers train exactly as without it (docs/results.md: windows
+    # or boxes grown from heatmaps reached mAP@0.4 0.13, its proposals 0.6).
+    c.model.box_head = dict(enabled=True, depth=2, detach=True)
     c.model.embed_dim = 128
 
     # 96 px (6 × 6 patches): at 1200 steps it read as the 128-px recipe did at 2400.
@@ -75,6 +79,7 @@ def get_config(arg: str | None = None):
     # against 2 read the nodule, atelectasis and the pointing game higher on validation.
     c.loss.beta = 3.0
     c.loss.gamma = 2.0
+    c.loss.box_weight = 1.0
     for kind in ("zero_shot", "retrieval", "regions", "grounding", "modality_gap"):
         c.evals[kind] = dict(kind=kind, max_examples=600, bootstrap=200)
     # MedCLIP-style prompts (severity × finding × location, as every report places a finding),

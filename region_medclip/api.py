@@ -235,23 +235,26 @@ class Model:
         return grounding.upsample(heat, self.image_size, self.image_size)
 
     def detect(
-        self, images, phrases: Sequence[str], *, method: str = "grown", detections: int = 5
+        self,
+        images,
+        phrases: Sequence[str],
+        *,
+        method: str = "auto",
+        detections: int = 5,
+        min_score: float = 0.0,
     ) -> list[dict[str, np.ndarray]]:
         """Films (as :meth:`preprocess` takes them) and phrases → for each film, the boxes
-        where each phrase is found without given boxes (``evaluators/detection.py``):
-        ``boxes [K, 4]`` pixel xyxy in the film as given, ``scores [K]`` probabilities (the
-        phrase against the nearest clear-region prompt), ``phrases [K]`` indices into
-        ``phrases``; at most ``detections`` a phrase, only boxes more like the phrase than any
-        clear region."""
+        where each phrase is found without given boxes (``evaluators/detection.py``; ``auto``:
+        the box head's proposals when the model has one): ``boxes [K, 4]`` pixel xyxy in the
+        film as given, ``scores [K]`` σ of the log-odds (the phrase against the nearest
+        clear-region prompt, plus the proposal's objectness), ``phrases [K]`` indices into
+        ``phrases``; at most ``detections`` a phrase, only those whose log-odds exceed
+        ``min_score`` (0: even odds)."""
         films = self._films(images)
         x = self.preprocess(films)
         zphrase = self.encode_text_short(list(phrases))
         znormal = self.encode_text_short(list(detect_lib.NORMAL_REGION_PROMPTS))
-        regions = jax.jit(
-            lambda p, t, b: self.module.apply(
-                {"params": p}, t, b, None, method=clip.RegionCLIP.encode_regions
-            )
-        )
+        _, regions, propose = detection.towers(self.module)
         out = []
         for start in range(0, len(x), IMAGE_CHUNK):
             _, tokens = self._image(self.params, jnp.asarray(x[start : start + IMAGE_CHUNK]))
@@ -260,9 +263,11 @@ class Model:
                 zphrase,
                 znormal,
                 encode_regions_fn=lambda t, b: np.asarray(regions(self.params, t, jnp.asarray(b))),
+                propose_fn=None if propose is None else lambda t: propose(self.params, t),
                 logit_scale=self.logit_scale,
                 method=method,
                 detections=detections,
+                min_score=min_score,
             )
             for k, result in enumerate(found):
                 out.append(self._to_film(result, films[start + k].shape[:2]))

@@ -48,6 +48,33 @@ def test_the_variants_set_the_terms_they_name():
         )
 
 
+def test_a_finished_run_gains_the_detection_it_was_not_evaluated_with(tmp_path, monkeypatch):
+    """Runs evaluate `detection` only from `evaluate` (every=0); the ablation fills its columns
+    in at the last step of each finished run, once, and never retrains."""
+    import micro_config
+
+    base = micro_config.get_config("steps=2,evals")
+    base.evals.detection.every = 0
+    rundir = tmp_path / "region_aware" / "seed0"
+    (rundir / "eval").mkdir(parents=True)
+    (rundir / "eval" / "2.json").write_text(json.dumps({"step": 2, "zero_shot": {"x": 1.0}}))
+    asked = []
+
+    def evaluate_last(config, path, names=None):
+        asked.append(names)
+        return {"step": 2, "zero_shot": {"x": 1.0}, "detection": {"map@0.4": 0.5}}
+
+    def train(*args):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ablation, "_evaluate_last", evaluate_last)
+    monkeypatch.setattr(ablation, "train_and_evaluate", train)
+    summary, table = ablation.run(base, str(tmp_path), [0], ["region_aware"])
+    assert asked == [["detection"]]
+    assert summary["region_aware"]["detection/map@0.4"][0] == 0.5
+    assert "detection/map@0.4" in table.splitlines()[0]
+
+
 @pytest.mark.slow
 def test_every_variant_trains_evaluates_and_is_not_trained_twice(tmp_path, synth_data_dir):
     import micro_config

@@ -99,3 +99,67 @@ def test_the_detection_plot_of_a_split_without_findings_is_a_figure(tmp_path):
     plots.plot_detections(np.zeros((0, 8, 8)), [], [], [], str(tmp_path / "none.png"))
     with Image.open(tmp_path / "none.png") as image:
         assert image.format == "PNG"
+
+
+def _quadrant_regions(tokens, boxes):
+    """The embedding of a box says which quadrant it lies in: [top-left, bottom-right, 0]."""
+    top_left = (boxes[..., 2] <= 0.5).astype(float)
+    return np.stack([top_left, 1 - top_left, np.zeros_like(top_left)], -1)
+
+
+def test_proposals_are_ranked_by_phrase_log_odds_plus_objectness():
+    """Two top-left proposals read alike as the phrase; the one the box head calls a finding
+    wins, its score the sum of the two log-odds; a degenerate box is no proposal."""
+    proposals = np.array(
+        [[[0.0, 0.0, 0.5, 0.5], [0.05, 0.0, 0.45, 0.5], [0.6, 0.6, 0.6, 0.9]]], np.float32
+    )
+    objectness = np.array([[-2.0, 3.0, 50.0]])
+    zphrase = np.array([[1.0, 0.0, 0.0]])
+    znormal = np.array([[0.0, 0.0, 1.0]])
+    [found] = detect.detect_proposals(
+        np.zeros((1, 2, 2, 4)),
+        zphrase,
+        znormal,
+        proposals,
+        objectness,
+        encode_regions_fn=_quadrant_regions,
+        logit_scale=10.0,
+        iou=0.5,
+    )
+    np.testing.assert_allclose(found.boxes, proposals[0, [1]])
+    # Phrase 1.0 against the nearest normal 0.0 at scale 10, plus objectness 3.
+    np.testing.assert_allclose(found.scores, [13.0])
+    # min_score drops what does not reach it.
+    [found] = detect.detect_proposals(
+        np.zeros((1, 2, 2, 4)),
+        zphrase,
+        znormal,
+        proposals,
+        objectness,
+        encode_regions_fn=_quadrant_regions,
+        logit_scale=10.0,
+        min_score=20.0,
+    )
+    assert len(found.boxes) == 0
+
+
+def test_find_in_tokens_picks_the_box_head_when_there_is_one():
+    from region_medclip.evaluators import detection
+
+    proposals = np.array([[[0.1, 0.1, 0.4, 0.4]]], np.float32)
+
+    def propose_fn(tokens):
+        return np.repeat(proposals, len(tokens), 0), np.full((len(tokens), 1), 2.0)
+
+    kw = dict(encode_regions_fn=_quadrant_regions, logit_scale=10.0)
+    zphrase, znormal = np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 0.0, 1.0]])
+    tokens = np.zeros((2, 2, 2, 4))
+    found = detection.find_in_tokens(tokens, zphrase, znormal, propose_fn=propose_fn, **kw)
+    assert len(found) == 2
+    np.testing.assert_allclose(found[0].boxes, proposals[0])
+    np.testing.assert_allclose(found[1].scores, [12.0])
+    with pytest.raises(ValueError, match="box head"):
+        detection.find_in_tokens(tokens, zphrase, znormal, method="boxes", **kw)
+    # Without a box head, auto grows boxes from the heatmap instead.
+    grown = detection.find_in_tokens(tokens, zphrase, znormal, **kw)
+    assert all(len(f.boxes) for f in grown)

@@ -218,6 +218,53 @@ def detect(
     return out
 
 
+def detect_proposals(
+    patch_tokens: np.ndarray,
+    zphrase: np.ndarray,
+    znormal: np.ndarray,
+    proposals: np.ndarray,
+    objectness: np.ndarray,
+    *,
+    encode_regions_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    logit_scale: float,
+    image_box: np.ndarray | None = None,
+    iou: float = 0.3,
+    top_k: int = 5,
+    min_score: float = -np.inf,
+) -> list[Detections]:
+    """Finds ``zphrase [P, D]`` among each image's own proposals (the box head's).
+
+    A proposal's score for a phrase is its :func:`calibrated_logits` plus its objectness logit:
+    the log of the product of two odds, that the box holds a finding at all and that it reads
+    as the phrase rather than a clear region. The region head alone cannot say where a lesion
+    ends (a box inside it reads as much like it), the box head alone cannot say what it is.
+
+    Args:
+      patch_tokens: ``[B, h, w, width]``.
+      proposals: ``[B, K, 4]`` normalised xyxy (clipped to the frame).
+      objectness: ``[B, K]`` logits.
+      encode_regions_fn, znormal, logit_scale, image_box: as in :func:`detect`.
+      iou, top_k, min_score: as in :func:`select`.
+
+    Returns:
+      One :class:`Detections` an image.
+    """
+    proposals = np.asarray(proposals, np.float32)
+    zroi = np.asarray(encode_regions_fn(patch_tokens, proposals))
+    out = []
+    for i in range(len(patch_tokens)):
+        scores = calibrated_logits(zroi[i], zphrase, znormal, logit_scale)
+        scores = scores + np.asarray(objectness[i], np.float64)[:, None]
+        # A degenerate box (the head's exponent clipped to the frame's edge) is no proposal.
+        valid = np.all(proposals[i, :, 2:] > proposals[i, :, :2], -1)
+        if image_box is not None:
+            valid &= inside(proposals[i], np.asarray(image_box[i]))
+        out.append(
+            select(proposals[i], scores, iou=iou, top_k=top_k, min_score=min_score, valid=valid)
+        )
+    return out
+
+
 def heat_grid(size: float = SIZES[0], stride: float = STRIDE) -> tuple[np.ndarray, tuple]:
     """Square windows of side ``size`` whose centres form a regular grid ``stride × size``
     apart: ``(boxes [gy·gx, 4], (gy, gx))``, row-major. Their scores are a phrase's heatmap at
