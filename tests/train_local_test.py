@@ -64,14 +64,14 @@ def test_train_step_logs_a_finite_local_term():
         assert h["local/weight"] == 1.0 and np.isfinite(h["loss"]) and h["nonfinite"] == 0
         assert np.isfinite(h["local/loss"]) and h["local/loss"] > 0
         assert 0 <= h["local/i2t_accuracy"] <= 1 and h["local/words"] == c.data.text_len - 2
-        other = h["global/loss"] + h["roi/loss"] + h["neg/loss"]
+        other = h["global/loss"] + h["roi/loss"] + h["neg/loss"] + h["box/loss"]
         np.testing.assert_allclose(h["loss"], other + h["local/loss"], rtol=1e-5)
 
 
 def test_local_loss_alone_trains_both_towers():
     """With every other term off, the gradient of the local loss reaches the text tower (words),
     the image tower and the region head (patch cells), and leaves the temperature alone."""
-    c = _local_config(alpha=0.0, beta=0.0, gamma=0.0)
+    c = _local_config(alpha=0.0, beta=0.0, gamma=0.0, box_weight=0.0)
     loss, metrics, grads = _gradients(c, micro_config.random_batch(c, 1))
     np.testing.assert_allclose(loss, metrics["local/loss"], rtol=1e-6)
     for tower in ("text_tower", "image_tower", "region_tower"):
