@@ -242,6 +242,7 @@ class Model:
         method: str = "auto",
         detections: int = 5,
         min_score: float = 0.0,
+        prompts: str | None = None,
     ) -> list[dict[str, np.ndarray]]:
         """Films (as :meth:`preprocess` takes them) and phrases → for each film, the boxes
         where each phrase is found without given boxes (``evaluators/detection.py``; ``auto``:
@@ -249,10 +250,16 @@ class Model:
         film as given, ``scores [K]`` σ of the log-odds (the phrase against the nearest
         clear-region prompt, plus the proposal's objectness), ``phrases [K]`` indices into
         ``phrases``; at most ``detections`` a phrase, only those whose log-odds exceed
-        ``min_score`` (0: even odds)."""
+        ``min_score`` (0: even odds).
+
+        A phrase that names a finding of the run's dataset is looked for with that finding's
+        class embedding from the prompt set ``prompts`` (default: the run's detection
+        evaluator's), as the evaluator does: one typed word is a weaker query than the
+        sentences a prompt set averages. Any other phrase, or every phrase with
+        ``prompts="none"``, is embedded as typed."""
+        zphrase = self._phrase_embeddings(list(phrases), prompts)
         films = self._films(images)
         x = self.preprocess(films)
-        zphrase = self.encode_text_short(list(phrases))
         znormal = self.encode_text_short(list(detect_lib.NORMAL_REGION_PROMPTS))
         _, regions, propose = detection.towers(self.module)
         out = []
@@ -272,6 +279,28 @@ class Model:
             for k, result in enumerate(found):
                 out.append(self._to_film(result, films[start + k].shape[:2]))
         return out
+
+    def _phrase_embeddings(self, phrases: list[str], prompts: str | None) -> np.ndarray:
+        """``[P, D]``: each phrase as :meth:`detect` looks for it."""
+        zphrase = np.array(self.encode_text_short(phrases))
+        evals = self.config.get("evals", {})
+        kinds = [name for name in evals if evals[name].get("kind") == "detection"]
+        prompts = prompts or (evals[kinds[0]].get("prompts") if kinds else None) or "templates"
+        if prompts == "none":
+            return zphrase
+        entry = data_registry.get(
+            self.zero_shot_settings()["dataset"], self.config.data.get("data_dir")
+        )
+        known = set(entry.class_names()) if entry.label_names else set()
+        names = [p.strip().lower() for p in phrases]
+        rows = [i for i, name in enumerate(names) if name in known]
+        if rows:
+            positive, _ = entry.prompts(prompts, [names[i] for i in rows])
+            encode = embeddings.text_encoder(
+                self.module, self.params, self.tokenizer, self.text_len
+            )
+            zphrase[rows] = zero_shot.class_embeddings(encode, positive)
+        return zphrase
 
     def _films(self, images) -> list[np.ndarray]:
         """``images`` as a list of single films (what :meth:`preprocess` accepts)."""

@@ -42,16 +42,29 @@ def overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
     return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
 
 
+# One colour a phrase (cycled), so the boxes of different phrases tell apart.
+_COLOURS = ((255, 60, 60), (60, 200, 255), (255, 210, 40), (120, 255, 120), (255, 120, 255))
+
+
 def draw_boxes(image: np.ndarray, found: dict, phrases: list[str]) -> Image.Image:
-    """The film ``image [H, W]`` uint8 with each detection's box and ``phrase score``."""
+    """The film ``image [H, W]`` uint8 with each detected box drawn once, in the colour of its
+    best phrase, labelled with every ``phrase score`` found there (best first, one a line)."""
     from PIL import ImageDraw
 
     canvas = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
     draw = ImageDraw.Draw(canvas)
+    labels: dict[tuple, list[tuple[float, int]]] = {}
     for box, score, phrase in zip(found["boxes"], found["scores"], found["phrases"], strict=True):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        draw.rectangle((x0, y0, x1, y1), outline=(255, 40, 40), width=2)
-        draw.text((x0 + 2, max(0.0, y0 - 11)), f"{phrases[phrase]} {score:.2f}", fill=(255, 80, 80))
+        labels.setdefault(tuple(np.round(np.asarray(box, float), 1)), []).append(
+            (float(score), int(phrase))
+        )
+    for box, hits in labels.items():
+        hits.sort(reverse=True)
+        x0, y0, x1, y1 = box
+        draw.rectangle((x0, y0, x1, y1), outline=_COLOURS[hits[0][1] % len(_COLOURS)], width=2)
+        for line, (score, phrase) in enumerate(hits):
+            colour = _COLOURS[phrase % len(_COLOURS)]
+            draw.text((x0 + 3, y0 + 2 + 11 * line), f"{phrases[phrase]} {score:.2f}", fill=colour)
     return canvas
 
 

@@ -346,6 +346,31 @@ def test_api_detect_returns_boxes_in_the_film_as_given(trained):
         assert np.bincount(result["phrases"], minlength=2).max() <= 3
 
 
+def test_api_detect_looks_for_a_known_finding_with_its_prompt_set(trained):
+    """A finding of the run's dataset is its prompt set's class embedding (as the evaluator
+    looks for it), anything else the phrase as typed; prompts="none" takes every phrase as
+    typed."""
+    import region_medclip
+    from region_medclip.evaluators import zero_shot
+
+    model = region_medclip.load(str(trained["workdir"]))
+    typed = model.encode_text_short(["nodule", "a spot on the lung"])
+    np.testing.assert_allclose(
+        model._phrase_embeddings(["nodule", "a spot on the lung"], "none"), typed
+    )
+    found = model._phrase_embeddings(["Nodule", "a spot on the lung"], "templates")
+    np.testing.assert_allclose(found[1], typed[1])
+    entry = model.config.data.eval
+    from region_medclip.data import registry
+
+    positive, _ = registry.get(entry, model.config.data.data_dir).prompts("templates", ["nodule"])
+    encode = region_medclip.api.embeddings.text_encoder(
+        model.module, model.params, model.tokenizer, model.text_len
+    )
+    np.testing.assert_allclose(found[0], zero_shot.class_embeddings(encode, positive)[0], atol=1e-6)
+    assert not np.allclose(found[0], typed[0], atol=1e-3)
+
+
 @pytest.mark.slow
 def test_predict_cli(trained, tmp_path):
     import region_medclip
