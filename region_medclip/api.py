@@ -247,8 +247,9 @@ class Model:
         """Films (as :meth:`preprocess` takes them) and phrases → for each film, the boxes
         where each phrase is found without given boxes (``evaluators/detection.py``; ``auto``:
         the box head's proposals when the model has one): ``boxes [K, 4]`` pixel xyxy in the
-        film as given, ``scores [K]`` σ of the log-odds (the phrase against the nearest
-        clear-region prompt, plus the proposal's objectness), ``phrases [K]`` indices into
+        film as given, ``scores [K]`` probabilities (with a box head: that the box holds a
+        finding and that it is this phrase rather than another phrase asked or a clear region;
+        without: the phrase against the nearest clear-region prompt), ``phrases [K]`` indices into
         ``phrases``; at most ``detections`` a phrase, only those whose log-odds exceed
         ``min_score`` (0: even odds).
 

@@ -107,9 +107,32 @@ def _quadrant_regions(tokens, boxes):
     return np.stack([top_left, 1 - top_left, np.zeros_like(top_left)], -1)
 
 
-def test_proposals_are_ranked_by_phrase_log_odds_plus_objectness():
+def _log_odds(p):
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def test_joint_logits_share_a_box_among_the_phrases_and_the_background():
+    """p(phrase | box) is a softmax over the phrases and the nearest clear region, times
+    σ(objectness); with one phrase it is the two-way calibrated odds."""
+    zroi = np.array([[1.0, 0.0, 0.0]])
+    zphrase = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0]])
+    znormal = np.array([[0.0, 0.0, 1.0], [0.0, 0.6, 0.8]])
+    logits = detect.joint_logits(zroi, zphrase, znormal, np.array([1.5]), logit_scale=10.0)
+    # Logits 10, 6 and the background max(0, 0) = 0.
+    softmax = np.exp([10.0, 6.0]) / (np.exp(10.0) + np.exp(6.0) + 1.0)
+    np.testing.assert_allclose(logits[0], _log_odds(softmax * _sigmoid(1.5)), rtol=1e-9)
+    one = detect.joint_logits(zroi, zphrase[:1], znormal, np.array([50.0]), logit_scale=10.0)
+    calibrated = detect.calibrated_logits(zroi, zphrase[:1], znormal, logit_scale=10.0)
+    np.testing.assert_allclose(one, calibrated, rtol=1e-6)
+
+
+def test_proposals_are_ranked_by_phrase_and_objectness():
     """Two top-left proposals read alike as the phrase; the one the box head calls a finding
-    wins, its score the sum of the two log-odds; a degenerate box is no proposal."""
+    wins, with the joint odds of the two; a degenerate box is no proposal."""
     proposals = np.array(
         [[[0.0, 0.0, 0.5, 0.5], [0.05, 0.0, 0.45, 0.5], [0.6, 0.6, 0.6, 0.9]]], np.float32
     )
@@ -127,8 +150,8 @@ def test_proposals_are_ranked_by_phrase_log_odds_plus_objectness():
         iou=0.5,
     )
     np.testing.assert_allclose(found.boxes, proposals[0, [1]])
-    # Phrase 1.0 against the nearest normal 0.0 at scale 10, plus objectness 3.
-    np.testing.assert_allclose(found.scores, [13.0])
+    # Phrase 1.0 against the nearest normal 0.0 at scale 10, and objectness 3.
+    np.testing.assert_allclose(found.scores, _log_odds(_sigmoid(10.0) * _sigmoid(3.0)))
     # min_score drops what does not reach it.
     [found] = detect.detect_proposals(
         np.zeros((1, 2, 2, 4)),
@@ -138,7 +161,7 @@ def test_proposals_are_ranked_by_phrase_log_odds_plus_objectness():
         objectness,
         encode_regions_fn=_quadrant_regions,
         logit_scale=10.0,
-        min_score=20.0,
+        min_score=3.0,
     )
     assert len(found.boxes) == 0
 
@@ -157,7 +180,7 @@ def test_find_in_tokens_picks_the_box_head_when_there_is_one():
     found = detection.find_in_tokens(tokens, zphrase, znormal, propose_fn=propose_fn, **kw)
     assert len(found) == 2
     np.testing.assert_allclose(found[0].boxes, proposals[0])
-    np.testing.assert_allclose(found[1].scores, [12.0])
+    np.testing.assert_allclose(found[1].scores, _log_odds(_sigmoid(10.0) * _sigmoid(2.0)))
     with pytest.raises(ValueError, match="box head"):
         detection.find_in_tokens(tokens, zphrase, znormal, method="boxes", **kw)
     # Without a box head, auto grows boxes from the heatmap instead.

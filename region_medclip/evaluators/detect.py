@@ -218,6 +218,37 @@ def detect(
     return out
 
 
+def joint_logits(
+    zroi: np.ndarray,
+    zphrase: np.ndarray,
+    znormal: np.ndarray,
+    objectness: np.ndarray,
+    logit_scale: float,
+) -> np.ndarray:
+    """``[K, P]`` log-odds that each box holds a finding and that the finding is each phrase.
+
+    ``p(phrase | box)`` is a softmax over the phrases and one background class, the nearest
+    clear region (RegionCLIP's classifier over class embeddings and a background; with one
+    phrase, the two-way :func:`calibrated_logits`): a box is shared out among the phrases, so
+    a mass does not also score as a nodule at full odds. It is multiplied by the box head's
+    ``σ(objectness)``, the probability that the box holds a finding at all.
+
+    Args:
+      zroi: ``[K, D]``, zphrase ``[P, D]``, znormal ``[Q, D]``, all L2-normalised.
+      objectness: ``[K]`` logits.
+      logit_scale: the model's learned scale t.
+    """
+    logits = logit_scale * np.asarray(zroi, np.float64) @ np.asarray(zphrase, np.float64).T
+    background = logit_scale * (np.asarray(zroi, np.float64) @ np.asarray(znormal).T).max(-1)
+    both = np.concatenate([logits, background[:, None]], -1)
+    top = both.max(-1, keepdims=True)
+    log_norm = top + np.log(np.exp(both - top).sum(-1, keepdims=True))
+    objectness = np.asarray(objectness, np.float64)[:, None]
+    log_object = -np.logaddexp(0.0, -objectness)  # log σ(o)
+    log_p = np.minimum(logits - log_norm + log_object, -1e-12)  # p < 1 in float64
+    return log_p - np.log(-np.expm1(log_p))
+
+
 def detect_proposals(
     patch_tokens: np.ndarray,
     zphrase: np.ndarray,
@@ -232,12 +263,9 @@ def detect_proposals(
     top_k: int = 5,
     min_score: float = -np.inf,
 ) -> list[Detections]:
-    """Finds ``zphrase [P, D]`` among each image's own proposals (the box head's).
-
-    A proposal's score for a phrase is its :func:`calibrated_logits` plus its objectness logit:
-    the log of the product of two odds, that the box holds a finding at all and that it reads
-    as the phrase rather than a clear region. The region head alone cannot say where a lesion
-    ends (a box inside it reads as much like it), the box head alone cannot say what it is.
+    """Finds ``zphrase [P, D]`` among each image's own proposals (the box head's), scored by
+    :func:`joint_logits`. The region head alone cannot say where a lesion ends (a box inside
+    it reads as much like it), the box head alone cannot say what it is.
 
     Args:
       patch_tokens: ``[B, h, w, width]``.
@@ -253,8 +281,7 @@ def detect_proposals(
     zroi = np.asarray(encode_regions_fn(patch_tokens, proposals))
     out = []
     for i in range(len(patch_tokens)):
-        scores = calibrated_logits(zroi[i], zphrase, znormal, logit_scale)
-        scores = scores + np.asarray(objectness[i], np.float64)[:, None]
+        scores = joint_logits(zroi[i], zphrase, znormal, objectness[i], logit_scale)
         # A degenerate box (the head's exponent clipped to the frame's edge) is no proposal.
         valid = np.all(proposals[i, :, 2:] > proposals[i, :, :2], -1)
         if image_box is not None:

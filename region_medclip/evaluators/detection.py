@@ -4,7 +4,8 @@ against a split's finding boxes (:mod:`.detection_metrics`).
 Each finding class of the dataset is a phrase (its prompt set's class embedding, as zero-shot
 classification builds it); the image tower is run on the split's films, and every phrase is
 looked for in every film. ``method="boxes"`` scores the box head's proposals (one a patch
-cell, models/boxes.py) by the phrase against the clear regions plus their objectness;
+cell, models/boxes.py): a softmax over the phrases and the nearest clear region, times their
+objectness (:func:`detect.joint_logits`);
 ``method="windows"`` keeps, per phrase, the best windows after NMS; ``method="grown"`` grows
 boxes from the phrase's heatmap over small windows (:func:`detect.grown_boxes`, ``fraction`` of
 the peak); ``auto``: ``boxes`` for a model with a box head, else ``grown``. Metrics: mAP at
