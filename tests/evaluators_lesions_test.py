@@ -51,3 +51,16 @@ def test_recalls_by_hand():
     assert out["films_R@1"] == pytest.approx(0.5) and out["box_R@1"] == pytest.approx(0.5)
     assert out["films_R@2"] == pytest.approx(1.0) and out["box_R@2"] == pytest.approx(0.5)
     assert out["films_R@3"] == pytest.approx(1.0) and out["queries"] == 2
+
+
+def test_a_split_without_findings_has_no_queries():
+    out = lesions.recalls(
+        np.zeros((2, 0)),
+        np.zeros((2, 0, 4)),
+        np.zeros(0, int),
+        np.zeros((2, 1, 4)),
+        np.zeros((2, 1), int),
+        np.zeros((2, 1), bool),
+    )
+    assert out["queries"] == 0 and set(out) == set(lesions.no_queries())
+    assert all(np.isnan(v) for k, v in out.items() if k != "queries")

@@ -242,8 +242,8 @@ def _lesion_retrieval(emb, ctx, options) -> dict[str, float]:
     """``lesion/...`` metrics of :mod:`.lesions`: the split's finding captions as phrases."""
     no_finding = ctx.dataset.no_finding_index()
     ids, zcap = lesions.queries(emb, no_finding)
-    if not len(ids):
-        return {"lesion/queries": 0.0}
+    if not len(ids):  # no finding in the split: nothing to look for
+        return {f"lesion/{k}": v for k, v in lesions.no_queries().items()}
     found = find(emb, ctx=ctx, phrases=zcap, detections=1, **options)
     scores, boxes = lesions.best_per_query(found, len(ids))
     valid = emb["roi_mask"].astype(bool) & (emb["box_labels"] != no_finding)

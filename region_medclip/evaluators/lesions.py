@@ -63,6 +63,8 @@ def recalls(
     Returns:
       ``films_R@K``, ``box_R@K`` and ``queries`` (Q).
     """
+    if not len(query_ids):
+        return no_queries(ks)
     holds = roi_valid[:, None, :] & (roi_ids[:, None, :] == query_ids[None, :, None])  # [N,Q,R]
     relevant = holds.any(-1)
     overlap = np.zeros(holds.shape)
@@ -77,6 +79,14 @@ def recalls(
         found = np.take_along_axis(np.isfinite(scores), top, 0)
         films = np.take_along_axis(relevant, top, 0) & found
         with_box = np.take_along_axis(right, top, 0) & found
-        out[f"films_R@{k}"] = float(films.any(0).mean()) if len(query_ids) else np.nan
-        out[f"box_R@{k}"] = float(with_box.any(0).mean()) if len(query_ids) else np.nan
+        out[f"films_R@{k}"] = float(films.any(0).mean())
+        out[f"box_R@{k}"] = float(with_box.any(0).mean())
+    return out
+
+
+def no_queries(ks=KS) -> dict[str, float]:
+    """The keys of :func:`recalls` for a split without a finding: 0 queries, NaN recalls."""
+    out = {"queries": 0.0}
+    for k in ks:
+        out[f"films_R@{k}"] = out[f"box_R@{k}"] = float("nan")
     return out
