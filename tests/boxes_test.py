@@ -1,6 +1,7 @@
 """The box head (models/boxes.py): decoding, FCOS's assignment by hand, detachment, its own
 gradient clipping, and the data's ``box_finding``."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,3 +129,31 @@ def test_box_weight_needs_a_box_head():
         validate(config)
     config.model.box_head.enabled = True
     validate(config)
+
+
+def test_init_from_a_checkpoint_without_a_box_head_keeps_the_heads_init(tmp_path):
+    """A converted CLIP or an older run has no box head: the towers come from it, the model's
+    box head keeps its own init; a checkpoint with one gives it too."""
+    from region_medclip import checkpointing
+    from region_medclip.train import init as init_lib
+
+    with_head = flax.linen.meta.unbox(_params(_tiny_model(dict(enabled=True, depth=1)))[0])
+    without = {k: v for k, v in with_head.items() if k != "box_tower"}
+    without = jax.tree.map(lambda x: x + 1.0, without)
+    checkpointing.save_params(str(tmp_path / "old"), without, {"model": {}})
+    loaded = init_lib.load_init_params(str(tmp_path / "old"), with_head)
+    assert "box_tower" not in loaded
+    merged = init_lib.overlay_params(with_head, loaded)
+    for a, b in zip(
+        jax.tree.leaves(merged["image_tower"]), jax.tree.leaves(without["image_tower"])
+    ):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        merged["box_tower"]["out"]["bias"], with_head["box_tower"]["out"]["bias"]
+    )
+    full = jax.tree.map(lambda x: x + 2.0, with_head)
+    checkpointing.save_params(str(tmp_path / "new"), full, {"model": {}})
+    loaded = init_lib.load_init_params(str(tmp_path / "new"), with_head)
+    np.testing.assert_array_equal(
+        loaded["box_tower"]["out"]["bias"], full["box_tower"]["out"]["bias"]
+    )

@@ -10,6 +10,7 @@ import pytest
 from region_medclip import sharding as sharding_lib
 from region_medclip import train
 from region_medclip.config import ConfigError, validate
+from region_medclip.train import step as step_lib
 
 
 @pytest.mark.slow
@@ -29,6 +30,7 @@ def test_grad_accum_averages_micro_batch_gradients():
     def loss(params, micro):
         out = train.forward(model, params, micro, c.loss)
         lb = {k: micro[k] for k in ("roi_mask", "cap_ids", "neg_mask", "labels")}
+        lb.update(step_lib.box_targets(micro, out["proposals"].shape[1]))
         return train.sharded_total_loss(
             mesh, c.loss, out=out, batch=lb, student_logits=None, teacher_logits=None
         )[0]

@@ -30,9 +30,12 @@ CASES = {
 
 
 def global_only(config):
-    """``config`` with the region-aware terms off: the CLIP loss alone, as open_clip trains."""
+    """``config`` with the region-aware terms and the box head off: the CLIP loss alone, as
+    open_clip trains."""
     config = config.copy_and_resolve_references()
     config.loss.beta, config.loss.gamma, config.loss.lambda_ = 0.0, 0.0, 0.0
+    config.loss.box_weight = 0.0
+    config.model.box_head.enabled = False
     config.loss.global_kind = "softmax"
     return config
 
@@ -128,8 +131,8 @@ def measure_open_clip(config, *, steps: int, threads: int) -> dict:
 
 
 def our_params(config) -> int:
-    """Parameter count of our image + text towers and temperature (the region head and the
-    sigmoid bias, which open_clip's CLIP has no counterpart of, left out)."""
+    """Parameter count of our image + text towers and temperature (the region head, the box
+    head and the sigmoid bias, which open_clip's CLIP has no counterpart of, left out)."""
     model = clip.from_config(config.model)
     size = config.data.image_size
     shapes = jax.eval_shape(
@@ -140,7 +143,8 @@ def our_params(config) -> int:
             np.zeros((1, 1, 4), np.float32),
         )
     )["params"]
-    kept = {k: v for k, v in shapes.items() if k not in ("region_tower", "logit_bias")}
+    left_out = ("region_tower", "box_tower", "logit_bias")
+    kept = {k: v for k, v in shapes.items() if k not in left_out}
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(kept)))
 
 

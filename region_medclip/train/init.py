@@ -78,9 +78,20 @@ def load_init_params(path: str, params):
         inside = lambda prefixes: any(n == p or n.startswith(p + "/") for p in prefixes)  # noqa: E731
         return inside(partial["provides"]) and not inside(partial.get("keeps_init", []))
 
-    taken = _take(path, flat, source, wanted)
+    # A box head is newer than converted CLIPs and most checkpoints: one without it leaves the
+    # model's own to its init (it reads the towers without changing them, models/boxes.py).
+    def is_box(key) -> bool:
+        return _name(key).startswith("box_tower/")
+
+    keep_box_init = any(map(is_box, flat)) and not any(map(is_box, source))
+    taken = _take(
+        path, flat, source, lambda key: wanted(key) and not (keep_box_init and is_box(key))
+    )
     if not partial:
         _log.info("initialised params from %s (step %d)", path, step)
+        if keep_box_init:
+            _log.info("%s has no box head: the model's keeps its random init", path)
+            return _nest(taken)
         return jax.tree_util.tree_map_with_path(lambda k, v: taken[k], params)
     unused = sorted(_name(k) for k in source if k not in taken)
     if unused:
