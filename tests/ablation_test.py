@@ -103,3 +103,25 @@ def test_every_variant_trains_evaluates_and_is_not_trained_twice(tmp_path, synth
     assert final.stat().st_mtime_ns == before and again["medclip"] == summary["medclip"]
     with pytest.raises(ValueError, match="unknown"):
         ablation.run(base, str(workdir), [0], ["nope"])
+
+
+def test_evaluate_last_merges_into_the_runs_evaluation(tmp_path, monkeypatch):
+    """What is evaluated joins the step's file beside what was there, a null (a non-finite
+    metric) included."""
+    rundir = tmp_path / "run"
+    (rundir / "eval").mkdir(parents=True)
+    earlier = {"step": 2, "zero_shot": {"macro_auroc": 0.7, "nodule": None}}
+    (rundir / "eval" / "2.json").write_text(json.dumps(earlier))
+    monkeypatch.setattr(ablation.checkpointing, "restore_params", lambda *a, **k: ({}, None, 2))
+    monkeypatch.setattr(ablation.clip, "from_config", lambda model: None)
+    monkeypatch.setattr(
+        ablation.evals_lib, "evaluate", lambda *a, **k: {"detection": {"map@0.4": 0.5}}
+    )
+    import micro_config
+
+    out = ablation._evaluate_last(micro_config.get_config("steps=2"), str(rundir), ["detection"])
+    assert out == {
+        "step": 2,
+        "zero_shot": {"macro_auroc": 0.7, "nodule": None},
+        "detection": {"map@0.4": 0.5},
+    }

@@ -140,6 +140,11 @@ def _evaluate_last(config, rundir: str, names: list[str] | None = None) -> dict:
     if names is not None and path.exists():
         earlier = json.loads(path.read_text())
         earlier.pop("step", None)
+        # The file writes a non-finite metric as null; it goes back in as NaN.
+        earlier = {
+            name: {k: float("nan") if v is None else v for k, v in out.items()}
+            for name, out in earlier.items()
+        }
         results = {**earlier, **results}
     evals_lib.write(rundir, step, results)
     return json.loads(path.read_text())
