@@ -145,7 +145,7 @@ def test_init_from_a_checkpoint_without_a_box_head_keeps_the_heads_init(tmp_path
     assert "box_tower" not in loaded
     merged = init_lib.overlay_params(with_head, loaded)
     for a, b in zip(
-        jax.tree.leaves(merged["image_tower"]), jax.tree.leaves(without["image_tower"])
+        jax.tree.leaves(merged["image_tower"]), jax.tree.leaves(without["image_tower"]), strict=True
     ):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(
