@@ -361,3 +361,30 @@ def test_preparing_again_needs_overwrite_and_then_reads_the_new_file(tmp_path, b
         "csv", str(path), data_dir, name="mine", label_names=NAMES, overwrite=True
     )
     assert sum(again.splits.values()) == 4 != sum(first.splits.values())
+
+
+def test_detection_runs_on_a_prepared_real_dataset_with_boxes(tmp_path, bars):
+    """VinDr-CXR's fixture, prepared: its train split holds a cardiomegaly and an effusion
+    box on one film and a film without findings. The evaluator finds its classes by name,
+    scores every one, and has its two captions as lesion descriptions."""
+    import flax
+    import jax
+
+    from region_medclip.evaluators import run
+    from region_medclip.models import clip
+
+    fixture = _fixture("vindr_cxr", tmp_path / "raw")
+    data_dir = tmp_path / "tfds"
+    prepare.prepare("vindr_cxr", str(fixture.root), str(data_dir))
+    config = micro_config.get_config(f"data_dir={data_dir}")
+    config.evals.det = dict(kind="detection", dataset="vindr_cxr", split="train", batch_size=8)
+    model = clip.from_config(config.model)
+    inputs = {k: np.zeros(v.shape, v.dtype) for k, v in clip.example_inputs(config.data).items()}
+    params = model.init(jax.random.key(0), **inputs)["params"]
+    out = run.evaluate(config, model, flax.linen.meta.unbox(params), names=["det"])["det"]
+    assert out["examples"] == 2 and out["lesion/queries"] == 2
+    names = [n for n in registry.get("vindr_cxr").class_names() if not n.startswith("no ")]
+    for name in names:
+        assert f"ap@0.4/{name}" in out
+    assert 0.0 <= out["map@0.4"] <= 1.0 and 0.0 <= out["froc/score"] <= 1.0
+    assert 0.0 <= out["lesion/films_R@1"] <= 1.0
